@@ -1,0 +1,322 @@
+"""DPOModule: the policy, its reference and a preference loss as one LightningModule.
+
+Each step runs chosen and rejected answers through one concatenated forward (see
+`lit_dpo.data.collate`), once for the reference (adapters off, no grad) and once for the policy,
+then applies the loss chosen by `loss_type` from `lit_dpo.losses`. Metrics are torchmetrics
+means weighted by pairs, so a logged step value covers the whole gradient-accumulation window and
+every process, as if the effective batch had been one forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, SumMetric
+from typing_extensions import override
+
+from lit_dpo import losses
+from lit_dpo.errors import ConfigError
+from lit_dpo.models import Quantization, check_model_path, load_policy, reference_mode
+
+# Names as in TRL (see shared/reference/losses.md), so curves compare directly.
+METRIC_NAMES = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def linear_warmup_then_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: 0 → 1 over `warmup_steps`, then linearly down to 0 at `total_steps`.
+
+    Identical to transformers' `get_linear_schedule_with_warmup` (what TRL uses), so curves compare.
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def _mean_metrics() -> torch.nn.ModuleDict:
+    # nan_strategy="disable": a NaN loss must reach the logs (and the divergence guard), not be dropped.
+    # ModuleDict keys may not contain "/", hence the "__".
+    return torch.nn.ModuleDict({name.replace("/", "__"): MeanMetric(nan_strategy="disable") for name in METRIC_NAMES})
+
+
+class DPOModule(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str = "embedded:smollm2-135m-instruct",
+        loss_type: str = "sigmoid",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
+        learning_rate: float = 5e-5,
+        warmup_steps: int = 5,
+        weight_decay: float = 0.0,
+        finetuning: Literal["lora", "full"] = "lora",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_target_modules: str | list[str] = "all-linear",
+        quantization: Quantization | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = "sdpa",
+        trust_remote_code: bool = False,
+    ) -> None:
+        """Preference fine-tuning of a causal LM against a frozen reference.
+
+        Args:
+            model_name_or_path: HF directory, hub id, `.gguf` file, or `embedded:smollm2-135m-instruct`.
+            loss_type: One of sigmoid (DPO), cdpo, robust, hinge, ipo, sft, simpo.
+            beta: Strength of the KL anchor to the reference; the guide's range 0.05–0.5, 0.1 default.
+            label_smoothing: Assumed label-noise rate ε for cdpo / robust, in [0, 0.5).
+            simpo_gamma: Target reward margin γ of the simpo loss.
+            learning_rate: Peak AdamW learning rate after warm-up (guide: 1e-5 … 1e-4, 5e-5 default).
+            warmup_steps: Optimizer steps of linear warm-up from 0, then linear decay to 0 at the end.
+            weight_decay: AdamW decoupled weight decay.
+            finetuning: `lora` trains adapters (reference = adapters off); `full` trains every weight
+                against a frozen copy.
+            lora_r: LoRA rank.
+            lora_alpha: LoRA scaling numerator (scale = alpha / r).
+            lora_dropout: Dropout on the LoRA input.
+            lora_target_modules: Modules that get adapters; `all-linear` = every linear layer but the LM head.
+            quantization: Load the base weights in 4-bit (`nf4`, `fp4`) or 8-bit (`int8`) with bitsandbytes.
+            dtype: Dtype of the non-quantized weights and of 4-bit compute.
+            gradient_checkpointing: Recompute activations in backward to save memory (slower).
+            attn_implementation: transformers attention backend (`sdpa`, `eager`, …).
+            trust_remote_code: Allow model code from the checkpoint's repository to run.
+        """
+        super().__init__()
+        _validate(loss_type, beta, label_smoothing, learning_rate, warmup_steps, lora_r)
+        check_model_path(model_name_or_path)  # fail before any run directory exists
+        self.save_hyperparameters()
+        self.loss_config = losses.LossConfig(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
+        self.policy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        # Only trainable weights are checkpointed; the frozen base is reloaded from model_name_or_path.
+        self.strict_loading = False
+        self.train_metrics = _mean_metrics()  # one optimizer step (all accumulated micro-batches)
+        self.epoch_metrics = _mean_metrics()  # the whole training epoch
+        self.val_metrics = _mean_metrics()
+        self.tokens_seen = SumMetric()
+        self._window_start = time.perf_counter()
+        self._last_logged_step = 0
+        self._step_lr = 0.0
+        self._rng_to_restore: dict | None = None
+
+    @override
+    def configure_model(self) -> None:
+        if self.policy is not None:  # Lightning may call this more than once
+            return
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.policy, self.reference = load_policy(
+            hp.model_name_or_path,
+            finetuning=hp.finetuning,
+            lora_r=hp.lora_r,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            lora_target_modules=hp.lora_target_modules,
+            quantization=hp.quantization,
+            dtype=_DTYPES[hp.dtype],
+            gradient_checkpointing=hp.gradient_checkpointing,
+            trust_remote_code=hp.trust_remote_code,
+            attn_implementation=hp.attn_implementation,
+            device=device,
+        )
+
+    # ----------------------------------------------------------------------------------- forward
+    def completion_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed completion log-probs and token counts, both [2B], for a concatenated batch.
+
+        The LM head runs only where a completion token is predicted: the prompt's logits would be
+        thrown away, and the vocabulary projection is the largest matmul per token.
+        """
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        predicts = targets != -100  # hidden state at t predicts token t + 1
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][predicts]).float()
+        softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        if softcap:  # Gemma-2 style models squash logits before the softmax
+            logits = torch.tanh(logits / softcap) * softcap
+        token_logps = -F.cross_entropy(logits, targets[predicts], reduction="none")
+        rows = predicts.nonzero()[:, 0]
+        summed = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+        return summed.index_add(0, rows, token_logps), predicts.sum(dim=1)
+
+    def preference_logps(self, batch: dict[str, torch.Tensor]) -> losses.PreferenceLogps:
+        with torch.no_grad():
+            if self.reference is not None:
+                ref_logps, _ = self.completion_logps(self.reference, batch)
+            else:
+                with reference_mode(self.policy):
+                    ref_logps, _ = self.completion_logps(self.policy, batch)
+        policy_logps, tokens = self.completion_logps(self.policy, batch)
+        pairs = policy_logps.shape[0] // 2  # rows: B chosen, then B rejected
+        return losses.PreferenceLogps(
+            policy_chosen=policy_logps[:pairs],
+            policy_rejected=policy_logps[pairs:],
+            reference_chosen=ref_logps[:pairs],
+            reference_rejected=ref_logps[pairs:],
+            chosen_tokens=tokens[:pairs],
+            rejected_tokens=tokens[pairs:],
+        )
+
+    def pair_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses [B] and per-pair metrics (rewards, accuracies, log-probs)."""
+        logps = self.preference_logps(batch)
+        per_pair = losses.preference_loss(self.hparams.loss_type, logps, self.loss_config)
+        return per_pair, losses.reward_metrics(logps, self.hparams.beta)
+
+    # ---------------------------------------------------------------------------------- training
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        per_pair, metrics = self.pair_losses(batch)
+        values = {"loss": per_pair.detach(), **metrics}
+        for collection in (self.train_metrics, self.epoch_metrics):
+            _update(collection, values)
+        self.tokens_seen.update(batch["attention_mask"].sum())
+        return per_pair.mean()
+
+    @override
+    def on_train_start(self) -> None:
+        self._last_logged_step = self.trainer.global_step
+        self._window_start = time.perf_counter()
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # restored here, after data loading set-up used no RNG
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._step_lr = optimizer.param_groups[0]["lr"]
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step == self._last_logged_step:
+            return  # still accumulating: the step's metrics are logged once the optimizer has stepped
+        self._last_logged_step = self.trainer.global_step
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        logged = _compute_and_reset(self.train_metrics, prefix_loss="train/")
+        logged["train/lr"] = self._step_lr
+        logged["train/tokens_per_sec"] = self.tokens_seen.compute().item() / elapsed
+        self.tokens_seen.reset()
+        self._window_start = time.perf_counter()
+        self.log("train/loss", logged.pop("train/loss"), prog_bar=True)
+        self.log("rewards/accuracies", logged.pop("rewards/accuracies"), prog_bar=True)
+        self.log_dict(logged)
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        epoch = _compute_and_reset(self.epoch_metrics, prefix_loss="train/")
+        self.log("train/loss_epoch", epoch["train/loss"])
+        self.log("rewards/accuracies_epoch", epoch["rewards/accuracies"])
+
+    # -------------------------------------------------------------------------------- evaluation
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        per_pair, metrics = self.pair_losses(batch)
+        _update(self.val_metrics, {"loss": per_pair, **metrics})
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    @override
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        values = _compute_and_reset(self.val_metrics, prefix_loss=f"{stage}/")
+        self.log_dict({(k if k.startswith(stage) else f"{stage}/{k}"): v for k, v in values.items()}, prog_bar=False)
+
+    @override
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, float]]:
+        """Per-pair scores: loss, implicit rewards and log-probs, one dict per pair."""
+        per_pair, metrics = self.pair_losses(batch)
+        columns = {"loss": per_pair, **metrics}
+        return [{k: v[i].item() for k, v in columns.items()} for i in range(per_pair.shape[0])]
+
+    # ------------------------------------------------------------------------ optimizer + state
+    @override
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = partial(linear_warmup_then_decay, warmup_steps=self.hparams.warmup_steps, total_steps=total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["rng_state"] = _get_rng_state()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng_state")
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _validate(loss_type: str, beta: float, label_smoothing: float, learning_rate: float, warmup_steps: int, lora_r: int) -> None:
+    if loss_type not in losses.LOSS_TYPES:
+        raise ConfigError(f"model.loss_type: unknown loss '{loss_type}'; choose one of: {', '.join(losses.LOSS_TYPES)}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ConfigError(f"model.beta must be > 0 (got {beta}); the guide's range is 0.05–0.5, 0.1 to start")
+    if not 0 <= label_smoothing < 0.5:
+        raise ConfigError(f"model.label_smoothing must be in [0, 0.5) (got {label_smoothing})")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ConfigError(f"model.learning_rate must be > 0 (got {learning_rate}); the guide's default is 5e-5")
+    if warmup_steps < 0:
+        raise ConfigError(f"model.warmup_steps must be >= 0 (got {warmup_steps})")
+    if lora_r < 1:
+        raise ConfigError(f"model.lora_r must be >= 1 (got {lora_r})")
+
+
+def _update(collection: torch.nn.ModuleDict, values: dict[str, torch.Tensor]) -> None:
+    for name in METRIC_NAMES:
+        collection[name.replace("/", "__")].update(values[name].float())
+
+
+def _compute_and_reset(collection: torch.nn.ModuleDict, prefix_loss: str) -> dict[str, float]:
+    out = {}
+    for name in METRIC_NAMES:
+        metric = collection[name.replace("/", "__")]
+        out[prefix_loss + name if name == "loss" else name] = metric.compute().item()
+        metric.reset()
+    return out
+
+
+def _get_rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.set_rng_state_all(state["cuda"])
