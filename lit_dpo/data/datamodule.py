@@ -1,0 +1,392 @@
+"""`PreferenceDataModule`: preference pairs from a file (or the built-in synthetic set) to padded batches.
+
+Pipeline, per split: read and validate (`loading.py`) -> tokenize prompt and completions with the policy's
+tokenizer -> fit each pair into `max_length` by left-truncating the prompt -> batch with `PreferenceCollator`.
+Tokenization runs through `datasets.Dataset.map` with an explicit fingerprint (source data + tokenizer +
+settings), so a second run over the same data reads the tokenized Arrow cache instead of re-tokenizing.
+
+Prompts are truncated from the left because the end of a prompt (the question and, with a chat template, the
+assistant header) is what the completion follows; completions are never truncated, since DPO compares their
+full log-probabilities. A pair whose completion alone cannot fit is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import datasets
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lit_dpo.data.collate import PreferenceCollator
+from lit_dpo.data.loading import Columns, DataError, Source, check_path, load_source, saved_splits
+from lit_dpo.data.synthetic import GENERATOR_VERSION, generate_pairs, write_jsonl
+from lit_dpo.models import cache_root, load_tokenizer
+
+TOKENIZATION_VERSION = 1  # bump when `_tokenize_batch` changes, so cached tokenized datasets are not reused
+SYNTHETIC_SEED = 0  # the built-in set stays the same across `seed`s, so runs with different seeds compare
+_HELPER_COLUMNS = ("_too_long", "_truncated", "_identical", "_prompt_len", "_completion_len")
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs (prompt, chosen, rejected) for DPO-style training, tokenized and batched.
+
+    Batches come from `PreferenceCollator`: `input_ids`, `attention_mask`, `labels` of shape [2B, T] (B
+    prompt+chosen rows, then B prompt+rejected rows) plus any extra per-pair columns such as `candidates`.
+
+    Args:
+        train_path: Training pairs: a .jsonl/.json/.parquet/.csv file or a `save_to_disk` directory (a
+            DatasetDict uses its "train" split, and its "validation" split when val_path is unset). None
+            uses the built-in synthetic movie-recommendation set, written once as JSONL to the cache dir.
+        val_path: Separate validation pairs (same formats); None splits val_fraction off the training data.
+        test_path: Pairs for `test`/`predict`; None reuses the validation data.
+        val_fraction: Share of the training data held out for validation when val_path is None (seeded split).
+        tokenizer_name_or_path: Tokenizer to encode with; must match the policy (the CLI links it to
+            model.model_name_or_path). A local HF directory, hub id, .gguf file or embedded:<name> alias.
+        prompt_column: Column holding the prompt text.
+        chosen_column: Column holding the preferred completion.
+        rejected_column: Column holding the dispreferred completion.
+        use_chat_template: Wrap each prompt as a user turn with the tokenizer's chat template plus the
+            assistant header; falls back to the plain prompt when the tokenizer has no template.
+        max_prompt_length: Prompt tokens kept (from the end) before fitting the pair into max_length.
+        max_length: Longest prompt + completion in tokens; prompts are cut further to fit, completions never.
+        batch_size: Preference pairs per training batch (the forward pass sees 2 * batch_size sequences).
+        eval_batch_size: Pairs per validation/test/predict batch; None uses batch_size.
+        num_workers: DataLoader worker processes; 0 loads in the main process.
+        skip_invalid_rows: Skip rows whose prompt/chosen/rejected is missing, not a string or blank (counted
+            and logged) instead of stopping with an error naming the first such row.
+        synthetic_num_pairs: Pairs in the built-in synthetic set (train + validation), used when train_path is None.
+        synthetic_history_len: Movies in each synthetic user's viewing history.
+        synthetic_num_candidates: Titles in each synthetic candidate list (the target included).
+        seed: Seed of the train/validation split and of the training-order shuffle.
+        trust_remote_code: Allow custom tokenizer code from the tokenizer's repository.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        val_fraction: float = 0.1,
+        tokenizer_name_or_path: str = "embedded:smollm2-135m-instruct",
+        prompt_column: str = "prompt",
+        chosen_column: str = "chosen",
+        rejected_column: str = "rejected",
+        use_chat_template: bool = True,
+        max_prompt_length: int = 512,
+        max_length: int = 1024,
+        batch_size: int = 1,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        skip_invalid_rows: bool = False,
+        synthetic_num_pairs: int = 64,
+        synthetic_history_len: int = 10,
+        synthetic_num_candidates: int = 10,
+        seed: int = 42,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        # Cheap checks first, so a typo fails before the trainer creates a run directory.
+        for key, path in (("train_path", train_path), ("val_path", val_path), ("test_path", test_path)):
+            if path is not None:
+                check_path(key, path)
+        if not 0.0 < val_fraction < 1.0:
+            raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}; 0.1 is typical")
+        for key, value, minimum in (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("max_prompt_length", max_prompt_length, 1),
+            ("max_length", max_length, 2),
+        ):
+            if value is not None and value < minimum:
+                raise DataError(f"data.{key} must be >= {minimum}, got {value}")
+        if max_prompt_length >= max_length:
+            raise DataError(
+                f"data.max_prompt_length ({max_prompt_length}) must be smaller than data.max_length ({max_length}), "
+                "which also has to hold the completion; raise max_length or lower max_prompt_length"
+            )
+        if len({prompt_column, chosen_column, rejected_column}) < 3:
+            raise DataError(
+                "data.prompt_column, data.chosen_column and data.rejected_column must name three different columns, "
+                f"got {prompt_column!r}, {chosen_column!r}, {rejected_column!r}"
+            )
+        if train_path is None:
+            if synthetic_num_pairs < 2:
+                raise DataError(f"data.synthetic_num_pairs must be >= 2 (train + val), got {synthetic_num_pairs}")
+            try:
+                generate_pairs(0, history_len=synthetic_history_len, num_candidates=synthetic_num_candidates)
+            except ValueError as err:
+                raise DataError(f"data.synthetic_history_len/synthetic_num_candidates: {err}") from err
+
+        self.train_path = train_path
+        self.val_path = val_path
+        self.test_path = test_path
+        self.val_fraction = val_fraction
+        self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.columns = Columns(prompt_column, chosen_column, rejected_column)
+        self.use_chat_template = use_chat_template
+        self.max_prompt_length = max_prompt_length
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.skip_invalid_rows = skip_invalid_rows
+        self.synthetic_num_pairs = synthetic_num_pairs
+        self.synthetic_history_len = synthetic_history_len
+        self.synthetic_num_candidates = synthetic_num_candidates
+        self.seed = seed
+        self.trust_remote_code = trust_remote_code
+
+        self.tokenizer = None
+        self.train_dataset: datasets.Dataset | None = None
+        self.val_dataset: datasets.Dataset | None = None
+        self.test_dataset: datasets.Dataset | None = None
+        self.stats: dict[str, dict[str, float | int]] = {}
+        """Per split ("train", "val", "test"): pairs, dropped_too_long, skipped_invalid, identical_pairs,
+        truncated_prompts, prompt_tokens_mean/max, completion_tokens_mean/max (longer of chosen/rejected)."""
+        self._is_setup = False
+
+    @override
+    def prepare_data(self) -> None:
+        # Runs on one process per node before `setup`: write the synthetic file here so ranks do not race.
+        self.train_source()
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self._is_setup:  # Lightning calls setup once per stage (fit, then test...); build everything once
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, trust_remote_code=self.trust_remote_code)
+        if self.tokenizer.eos_token_id is None:
+            raise DataError(
+                f"data.tokenizer_name_or_path: tokenizer {self.tokenizer_name_or_path} has no EOS token, "
+                "which ends every completion; use a tokenizer that defines one"
+            )
+        train_path = self.train_source()
+        train = self._load("train_path", train_path, ("train",))
+        if self.val_path is not None:
+            val = self._load("val_path", self.val_path, ("validation", "train"))
+        elif Path(train_path).is_dir() and "validation" in saved_splits(Path(train_path)):
+            val = self._load("train_path", train_path, ("validation",))
+        else:
+            train, val = self._split(train)
+        test = self._load("test_path", self.test_path, ("test", "validation")) if self.test_path else None
+
+        self.train_dataset = self._prepare_split("train", "train_path", train)
+        self.val_dataset = self._prepare_split("val", "val_path" if self.val_path else "train_path", val)
+        if test is None:
+            self.test_dataset, self.stats["test"] = self.val_dataset, self.stats["val"]
+        else:
+            self.test_dataset = self._prepare_split("test", "test_path", test)
+        self._is_setup = True
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._train_loader(self.train_dataset)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_dataset)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_dataset)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_dataset)
+
+    @property
+    def collator(self) -> PreferenceCollator:
+        """The batch builder (needs the tokenizer, so only after `setup`)."""
+        return PreferenceCollator(pad_token_id=self.tokenizer.pad_token_id)
+
+    def _train_loader(self, dataset: datasets.Dataset) -> DataLoader:
+        # A private generator makes the order depend on `seed` only, not on global RNG state.
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=False,
+        )
+
+    def _eval_loader(self, dataset: datasets.Dataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=False,
+        )
+
+    def train_source(self) -> str:
+        """The training file: train_path, or the synthetic set (generated into the cache on first use)."""
+        if self.train_path is not None:
+            return self.train_path
+        settings = {
+            "num_pairs": self.synthetic_num_pairs,
+            "seed": SYNTHETIC_SEED,
+            "history_len": self.synthetic_history_len,
+            "num_candidates": self.synthetic_num_candidates,
+            "generator_version": GENERATOR_VERSION,
+        }
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        path = cache_root() / "synthetic" / f"{digest}.jsonl"
+        if not path.is_file():
+            records = generate_pairs(
+                self.synthetic_num_pairs, SYNTHETIC_SEED, self.synthetic_history_len, self.synthetic_num_candidates
+            )
+            write_jsonl(records, path)
+            rank_zero_info(f"Wrote {len(records)} synthetic preference pairs to {path}")
+        return str(path)
+
+    def _load(self, key: str, path: str, splits: tuple[str, ...]) -> Source:
+        return load_source(key, path, self.columns, self.skip_invalid_rows, splits)
+
+    def _split(self, train: Source) -> tuple[Source, Source]:
+        try:
+            parts = train.dataset.train_test_split(test_size=self.val_fraction, seed=self.seed)
+        except ValueError as err:  # too few rows for this fraction
+            raise DataError(
+                f"data.val_fraction: cannot split {len(train.dataset)} training pairs with val_fraction="
+                f"{self.val_fraction} ({err}); add pairs, change val_fraction or give data.val_path"
+            ) from err
+        return Source(parts["train"], train.skipped_invalid), Source(parts["test"], 0)
+
+    def _prepare_split(self, split: str, key: str, source: Source) -> datasets.Dataset:
+        """Tokenize and fit one split, record its stats, and drop pairs that cannot fit."""
+        tokenizer = self.tokenizer
+        chat = self.use_chat_template and tokenizer.chat_template is not None
+        if self.use_chat_template and not chat:
+            rank_zero_warn(f"Tokenizer {self.tokenizer_name_or_path} has no chat template; using plain prompts.")
+        settings = {
+            "source": source.dataset._fingerprint,
+            "tokenizer": tokenizer.name_or_path,
+            "tokenizer_class": type(tokenizer).__name__,
+            "vocab": _tokenizer_digest(tokenizer),
+            "chat_template": tokenizer.chat_template if chat else None,
+            "columns": self.columns.items(),
+            "max_prompt_length": self.max_prompt_length,
+            "max_length": self.max_length,
+            "version": TOKENIZATION_VERSION,
+        }
+        fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+        dataset = source.dataset.map(
+            _tokenize_batch,
+            batched=True,
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "columns": self.columns,
+                "chat": chat,
+                "max_prompt_length": self.max_prompt_length,
+                "max_length": self.max_length,
+            },
+            remove_columns=[name for _, name in self.columns.items()],
+            new_fingerprint=fingerprint,
+            desc=f"Tokenizing {split} pairs",
+        )
+        flags = dataset.select_columns(list(_HELPER_COLUMNS)).with_format("numpy")[:]
+        keep = np.flatnonzero(~flags["_too_long"])
+        if len(keep) == 0:
+            raise DataError(
+                f"data.{key}: all {len(dataset)} {split} pairs were dropped as too long: even the shortest needs "
+                f"{int(flags['_completion_len'].min())} completion tokens, more than data.max_length - 1 = "
+                f"{self.max_length - 1}; raise data.max_length or shorten the completions"
+            )
+        kept = {name: values[keep] for name, values in flags.items()}
+        stats = {
+            "pairs": len(keep),
+            "dropped_too_long": len(dataset) - len(keep),
+            "skipped_invalid": source.skipped_invalid,
+            "identical_pairs": int(kept["_identical"].sum()),
+            "truncated_prompts": int(kept["_truncated"].sum()),
+            "prompt_tokens_mean": float(kept["_prompt_len"].mean()),
+            "prompt_tokens_max": int(kept["_prompt_len"].max()),
+            "completion_tokens_mean": float(kept["_completion_len"].mean()),
+            "completion_tokens_max": int(kept["_completion_len"].max()),
+        }
+        self.stats[split] = stats
+        rank_zero_info(
+            f"{split}: {stats['pairs']} pairs ({stats['dropped_too_long']} dropped as too long, "
+            f"{stats['skipped_invalid']} invalid rows skipped); prompt tokens mean {stats['prompt_tokens_mean']:.1f} "
+            f"max {stats['prompt_tokens_max']}, {stats['truncated_prompts']} truncated; completion tokens max "
+            f"{stats['completion_tokens_max']}"
+        )
+        if stats["identical_pairs"]:
+            rank_zero_warn(
+                f"{split}: {stats['identical_pairs']} pairs have chosen == rejected; they carry no preference signal"
+            )
+        if stats["dropped_too_long"]:
+            dataset = dataset.select(keep)
+        return dataset.remove_columns(list(_HELPER_COLUMNS))
+
+
+def fit_prompt(prompt_ids: list[int], completion_len: int, max_prompt_length: int, max_length: int) -> list[int] | None:
+    """Left-truncate a prompt so that prompt + completion fits; None when even one prompt token cannot fit.
+
+    Args:
+        prompt_ids: Prompt token ids.
+        completion_len: Tokens in the longer of the two completions (EOS included).
+        max_prompt_length: Upper bound on prompt tokens kept.
+        max_length: Upper bound on prompt + completion tokens.
+
+    Returns:
+        The last `min(max_prompt_length, max_length - completion_len)` prompt tokens, or None if that is < 1.
+    """
+    budget = min(max_prompt_length, max_length - completion_len)
+    if budget < 1:
+        return None
+    return prompt_ids[-budget:]
+
+
+def _tokenize_batch(
+    batch: dict[str, list], tokenizer, columns: Columns, chat: bool, max_prompt_length: int, max_length: int
+) -> dict[str, list]:
+    """`Dataset.map` function: token ids for prompt/chosen/rejected plus the helper columns used for stats."""
+    prompts = batch[columns.prompt]
+    if chat:
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in prompts
+        ]
+        prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer(prompts)["input_ids"]
+    # EOS closes the assistant turn; the model must learn to stop, so it is part of what is scored.
+    eos = [tokenizer.eos_token_id]
+    chosen = [ids + eos for ids in tokenizer(batch[columns.chosen], add_special_tokens=False)["input_ids"]]
+    rejected = [ids + eos for ids in tokenizer(batch[columns.rejected], add_special_tokens=False)["input_ids"]]
+
+    out: dict[str, list] = {name: [] for name in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
+    out.update({name: [] for name in _HELPER_COLUMNS})
+    for prompt, good, bad in zip(prompt_ids, chosen, rejected):
+        completion_len = max(len(good), len(bad))
+        fitted = fit_prompt(prompt, completion_len, max_prompt_length, max_length)
+        out["prompt_input_ids"].append(fitted or [])
+        out["chosen_input_ids"].append(good)
+        out["rejected_input_ids"].append(bad)
+        out["_too_long"].append(fitted is None)
+        out["_truncated"].append(fitted is not None and len(fitted) < len(prompt))
+        out["_identical"].append(good == bad)
+        out["_prompt_len"].append(len(fitted or []))
+        out["_completion_len"].append(completion_len)
+    return out
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary and rules, so a changed tokenizer under the same path re-tokenizes."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()
