@@ -189,6 +189,7 @@ def load_policy(
         kwargs["device_map"] = {"": device or torch.device("cpu")}
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    model.train()  # from_pretrained returns eval mode; train like the HF Trainer does (dropout on)
 
     if quantization is not None:
         from peft import prepare_model_for_kbit_training

@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from lit_dpo.data.collate import PreferenceCollator
 from lit_dpo.data.loading import Columns, DataError, Source, check_path, load_source, saved_splits
+from lit_dpo.data.sampler import ResumableBatchSampler
 from lit_dpo.data.synthetic import GENERATOR_VERSION, generate_pairs, write_jsonl
 from lit_dpo.models import cache_root, load_tokenizer
 
@@ -92,6 +93,8 @@ class PreferenceDataModule(L.LightningDataModule):
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
+        self._train_sampler: ResumableBatchSampler | None = None
+        self._sampler_state_to_load: dict | None = None
         # Cheap checks first, so a typo fails before the trainer creates a run directory.
         for key, path in (("train_path", train_path), ("val_path", val_path), ("test_path", test_path)):
             if path is not None:
@@ -191,6 +194,16 @@ class PreferenceDataModule(L.LightningDataModule):
         return self._train_loader(self.train_dataset)
 
     @override
+    def state_dict(self) -> dict:
+        """Where the training order stands (epoch, batches done), saved in every checkpoint."""
+        return {"train_sampler": self._train_sampler.state_dict()} if self._train_sampler is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Lightning restores the data module before it builds the train loader; apply it there.
+        self._sampler_state_to_load = state_dict.get("train_sampler")
+
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_dataset)
 
@@ -208,12 +221,14 @@ class PreferenceDataModule(L.LightningDataModule):
         return PreferenceCollator(pad_token_id=self.tokenizer.pad_token_id)
 
     def _train_loader(self, dataset: datasets.Dataset) -> DataLoader:
-        # A private generator makes the order depend on `seed` only, not on global RNG state.
+        # Order depends on (seed, epoch) only, never on global RNG, and resumes mid-epoch (sampler.py).
+        self._train_sampler = ResumableBatchSampler(len(dataset), self.batch_size, seed=self.seed)
+        if self._sampler_state_to_load is not None:  # resuming: continue where the checkpoint stopped
+            self._train_sampler.load_state_dict(self._sampler_state_to_load)
+            self._sampler_state_to_load = None
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            batch_sampler=self._train_sampler,
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

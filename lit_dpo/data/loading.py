@@ -23,6 +23,7 @@ from pathlib import Path
 import datasets
 
 from lit_dpo.data.synthetic import write_jsonl
+from lit_dpo.errors import UserInputError
 from lit_dpo.models import cache_root
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -30,7 +31,7 @@ ACCEPTED = "give a .jsonl/.json/.parquet/.csv file or a saved dataset directory"
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes for a DatasetDict / Dataset
 
 
-class DataError(ValueError):
+class DataError(UserInputError):
     """Bad data or data settings; the one-line message names the file, row and config key, and the fix."""
 
 

@@ -1,9 +1,9 @@
 """A shuffling batch sampler that can resume mid-epoch, so a resumed run sees exactly the batches
 an uninterrupted run would have seen.
 
-Lightning saves the `state_dict()` of any training DataLoader that has one and hands it back on
-resume (`fit ... --ckpt_path last`). A plain shuffled DataLoader restarts its epoch from the first
-batch instead, silently repeating some pairs and skipping others.
+The data module checkpoints this sampler's `state_dict()` (LightningDataModule.state_dict) and
+hands it back on resume (`fit ... --ckpt_path last`). A plain shuffled DataLoader restarts its epoch
+from the first batch instead, silently repeating some pairs and skipping others.
 
 Each epoch's order is a fixed function of (seed, epoch): no global RNG is touched, so loading data
 never shifts the dropout masks either. Under DDP each process takes every `world_size`-th batch of
@@ -15,11 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Sampler
-
-# Lightning's training fetcher requests one batch ahead of the one being trained on
-# (lightning.pytorch.loops.fetchers._PrefetchDataFetcher, prefetch_batches=1).
-_LOOKAHEAD_BATCHES = 1
+from torch.utils.data import Sampler
 
 
 def _world() -> tuple[int, int]:
@@ -45,7 +41,6 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.epoch = 0
         self._yielded = 0  # batches handed out in the current epoch
-        self._exhausted = False
         self._resume_at = 0  # batches to skip at the start of the next iteration
 
     def set_epoch(self, epoch: int) -> None:
@@ -68,16 +63,15 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         start, self._resume_at = self._resume_at, 0
-        self._yielded, self._exhausted = start, False
+        self._yielded = start
         for batch in self._batches()[start:]:
             self._yielded += 1
             yield batch
-        self._exhausted = True
 
     def state_dict(self) -> dict[str, int]:
-        # Batches the trainer has finished: what was handed out, less the one fetched ahead.
-        consumed = self._yielded if self._exhausted else max(0, self._yielded - _LOOKAHEAD_BATCHES)
-        return {"epoch": self.epoch, "consumed_batches": consumed, "seed": self.seed}
+        # Lightning fetches batches of a sized loader one at a time (no look-ahead), so every batch
+        # handed out has been trained on when a checkpoint is written after it.
+        return {"epoch": self.epoch, "consumed_batches": self._yielded, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = state["epoch"]
@@ -85,12 +79,3 @@ class ResumableBatchSampler(Sampler[list[int]]):
         finished_epoch = state["consumed_batches"] >= len(self)
         self._resume_at = 0 if finished_epoch else state["consumed_batches"]
 
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose state (epoch, position) Lightning checkpoints through its batch sampler."""
-
-    def state_dict(self) -> dict[str, int]:
-        return self.batch_sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.load_state_dict(state)

@@ -1,0 +1,5 @@
+"""Callbacks that watch a run and report on it (`class_path: lit_dpo.callbacks.<Name>` in YAML)."""
+
+from lit_dpo.callbacks.summary import RunSummary
+
+__all__ = ["RunSummary"]
