@@ -45,9 +45,10 @@ class RunSummary(L.Callback):
     def render(self, trainer: L.Trainer) -> str:
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         minutes, seconds = divmod(int(time.monotonic() - self._started), 60)
-        how = "stopped early" if trainer.current_epoch < (trainer.max_epochs or 0) else "finished"
+        epochs = trainer.fit_loop.epoch_progress.current.completed
+        how = "stopped early" if epochs < (trainer.max_epochs or 0) else "finished"
         lines = [
-            f"lit_dpo fit {how}: {trainer.current_epoch} epoch(s), {trainer.global_step} optimizer steps, "
+            f"lit_dpo fit {how}: {epochs} epoch(s), {trainer.global_step} optimizer steps, "
             f"{minutes}m{seconds:02d}s",
             "  train: " + _fmt(m, [("loss", "train/loss"), ("epoch loss", "train/loss_epoch"),
                                    ("reward accuracy", "rewards/accuracies"), ("margin", "rewards/margins")]),
