@@ -120,3 +120,13 @@ def test_warmup_then_linear_decay_matches_transformers():
     hf = get_linear_schedule_with_warmup(opt, num_warmup_steps=5, num_training_steps=30)
     for step in range(32):
         assert linear_warmup_then_decay(step, 5, 30) == pytest.approx(hf.lr_lambdas[0](step))
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "fp4", "int8"])
+def test_quantized_policies_train_from_ln2(tiny_model_dir, tiny_tokenizer, quantization):
+    pytest.importorskip("bitsandbytes")
+    module = make_module(tiny_model_dir, quantization=quantization)
+    per_pair, _ = module.pair_losses(make_batch(tiny_tokenizer))
+    torch.testing.assert_close(per_pair, torch.full_like(per_pair, math.log(2)), atol=1e-5, rtol=0)
+    per_pair.mean().backward()
+    assert all(p.grad is not None for p in module.policy.parameters() if p.requires_grad)

@@ -76,6 +76,8 @@ def test_fit_writes_logs_checkpoints_config_and_summary(tmp_path, tiny_model_dir
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     out = capsys.readouterr().out
     assert "lit_dpo fit finished" in out and "reward accuracy" in out and "tensorboard --logdir" in out
+    assert "first step loss 0.6931" in out and (run_dir / "summary.txt").is_file()
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli.trainer.global_step == 12  # 12 train pairs / (batch 1 × GA 2) × 2 epochs
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

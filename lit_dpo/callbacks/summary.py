@@ -1,5 +1,9 @@
-"""RunSummary: a short plain-text account at the end of `fit`, so nobody has to dig through logs
-to learn how the run went, where its files are, or how to look at its curves."""
+"""RunSummary: a short plain-text account at the end of `fit`, plus a PNG of the curves, so nobody has
+to dig through logs to learn how the run went, where its files are, or how to look at it.
+
+The curves are read back from the run's own TensorBoard events, so a resumed run's picture covers
+the whole run, not just the part after the resume.
+"""
 
 from __future__ import annotations
 
@@ -8,58 +12,64 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
+
+# (panel title, [(label, TensorBoard tag)]) — the guide's "what to track": loss curve and accuracy.
+PANELS = [
+    ("loss", [("train", "train/loss"), ("val", "val/loss")]),
+    ("reward accuracy", [("train", "rewards/accuracies"), ("val", "val/rewards/accuracies")]),
+    ("reward margin", [("train", "rewards/margins"), ("val", "val/rewards/margins")]),
+]
 
 
 class RunSummary(L.Callback):
     """Print final loss, reward accuracy, margins and where the logs and checkpoints are.
 
     Args:
-        write_file: Also save the summary as `summary.txt` beside the run's logs.
+        write_file: Also save `summary.txt` and `curves.png` beside the run's logs.
     """
 
     def __init__(self, write_file: bool = True) -> None:
         self.write_file = write_file
         self._started = time.monotonic()
-        self._first_loss: float | None = None
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.monotonic()
 
     @override
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._first_loss is None and "train/loss" in trainer.callback_metrics:
-            self._first_loss = float(trainer.callback_metrics["train/loss"])
-
-    @override
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        text = self.render(trainer)
+        curves = _read_curves(trainer.logger)
+        text = self.render(trainer, curves)
         print("\n" + text, flush=True)
         if self.write_file and trainer.log_dir:
-            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(trainer.log_dir) / "summary.txt").write_text(text + "\n")
+            run_dir = Path(trainer.log_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "summary.txt").write_text(text + "\n")
+            if curves.get("train/loss"):
+                plot_curves(curves, run_dir / "curves.png", title=str(run_dir))
 
-    def render(self, trainer: L.Trainer) -> str:
+    def render(self, trainer: L.Trainer, curves: dict[str, list[tuple[int, float]]]) -> str:
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         minutes, seconds = divmod(int(time.monotonic() - self._started), 60)
         epochs = trainer.fit_loop.epoch_progress.current.completed
         how = "stopped early" if epochs < (trainer.max_epochs or 0) else "finished"
+        train = _fmt(m, [("loss", "train/loss"), ("epoch loss", "train/loss_epoch"),
+                         ("reward accuracy", "rewards/accuracies"), ("margin", "rewards/margins")])
+        if curves.get("train/loss"):
+            train += f" (first step loss {curves['train/loss'][0][1]:.4f})"
         lines = [
-            f"lit_dpo fit {how}: {epochs} epoch(s), {trainer.global_step} optimizer steps, "
-            f"{minutes}m{seconds:02d}s",
-            "  train: " + _fmt(m, [("loss", "train/loss"), ("epoch loss", "train/loss_epoch"),
-                                   ("reward accuracy", "rewards/accuracies"), ("margin", "rewards/margins")]),
+            f"lit_dpo fit {how}: {epochs} epoch(s), {trainer.global_step} optimizer steps, {minutes}m{seconds:02d}s",
+            f"  train: {train}",
         ]
-        if self._first_loss is not None:
-            lines[-1] += f" (first step loss {self._first_loss:.4f})"
         if "val/loss" in m:
-            lines.append("  val:   " + _fmt(m, [("loss", "val/loss"), ("reward accuracy", "val/rewards/accuracies"),
-                                              ("margin", "val/rewards/margins"),
-                                              ("chosen reward", "val/rewards/chosen"),
-                                              ("rejected reward", "val/rewards/rejected")]))
+            val = _fmt(m, [("loss", "val/loss"), ("reward accuracy", "val/rewards/accuracies"),
+                           ("margin", "val/rewards/margins"), ("chosen reward", "val/rewards/chosen"),
+                           ("rejected reward", "val/rewards/rejected")])
+            lines.append(f"  val:   {val}")
         if trainer.log_dir:
             root = Path(trainer.log_dir).parent.parent
             lines.append(f"  logs:        {trainer.log_dir}  (view: tensorboard --logdir {root})")
@@ -73,3 +83,38 @@ class RunSummary(L.Callback):
 
 def _fmt(metrics: dict[str, float], keys: list[tuple[str, str]]) -> str:
     return ", ".join(f"{label} {metrics[key]:.4f}" for label, key in keys if key in metrics) or "n/a"
+
+
+def _read_curves(logger) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the run as [(step, value)], from its TensorBoard event files (all sessions)."""
+    if not isinstance(logger, TensorBoardLogger):
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0}).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str = "") -> None:
+    """Loss, reward accuracy and margin against optimizer step, train and validation, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
+    for ax, (name, series) in zip(axes, PANELS):
+        for label, tag in series:
+            points = curves.get(tag)
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if label == "val" else None, markersize=3, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
