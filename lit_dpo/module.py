@@ -113,8 +113,6 @@ class DPOModule(L.LightningModule):
         self.val_metrics = _mean_metrics()
         self.tokens_seen = SumMetric()
         self._window_start = time.perf_counter()
-        self._last_logged_step = 0
-        self._step_lr = 0.0
         self._rng_to_restore: dict | None = None
 
     @override
@@ -194,7 +192,6 @@ class DPOModule(L.LightningModule):
 
     @override
     def on_train_start(self) -> None:
-        self._last_logged_step = self.trainer.global_step
         self._window_start = time.perf_counter()
 
     @override
@@ -205,16 +202,11 @@ class DPOModule(L.LightningModule):
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self._step_lr = optimizer.param_groups[0]["lr"]
-
-    @override
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer.global_step == self._last_logged_step:
-            return  # still accumulating: the step's metrics are logged once the optimizer has stepped
-        self._last_logged_step = self.trainer.global_step
+        # Every micro-batch of this accumulation window has run: log the window as one step. Logged here,
+        # before any callback's on_train_batch_end, so callbacks see this step's values.
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         logged = _compute_and_reset(self.train_metrics, prefix_loss="train/")
-        logged["train/lr"] = self._step_lr
+        logged["train/lr"] = optimizer.param_groups[0]["lr"]
         logged["train/tokens_per_sec"] = self.tokens_seen.compute().item() / elapsed
         self.tokens_seen.reset()
         self._window_start = time.perf_counter()
