@@ -156,19 +156,21 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
 def load_policy(
     name_or_path: str,
     *,
-    finetuning: Literal["lora", "full"] = "lora",
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
-    lora_target_modules: str | list[str] = "all-linear",
-    quantization: Quantization | None = None,
-    dtype: torch.dtype = torch.float32,
-    gradient_checkpointing: bool = False,
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = "sdpa",
+    finetuning: Literal["lora", "full"],
+    lora_r: int,
+    lora_alpha: int,
+    lora_dropout: float,
+    lora_target_modules: str | list[str],
+    quantization: Quantization | None,
+    dtype: torch.dtype,
+    gradient_checkpointing: bool,
+    trust_remote_code: bool,
+    attn_implementation: str | None,
     device: torch.device | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """Build the trainable policy and, for full fine-tuning, a frozen reference copy.
+
+    The settings and their defaults are documented once, on `DPOModule.__init__` (the config schema).
 
     Returns:
         (policy, reference). Under LoRA the reference is None: it is the policy with its adapters

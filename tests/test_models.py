@@ -6,8 +6,18 @@ import importlib.util
 
 import pytest
 
+import torch
+
 from lit_dpo import models
 from lit_dpo.errors import UserInputError
+
+DEFAULTS = dict(finetuning="lora", lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules="all-linear",
+                quantization=None, dtype=torch.float32, gradient_checkpointing=False, trust_remote_code=False,
+                attn_implementation="sdpa")
+
+
+def load(model_dir, **overrides):
+    return models.load_policy(model_dir, **{**DEFAULTS, **overrides})
 
 
 def test_missing_embedded_package_says_how_to_install(monkeypatch):
@@ -31,7 +41,7 @@ def test_hub_ids_and_directories_pass_through(tiny_model_dir):
 
 
 def test_lora_on_all_linear_layers_and_frozen_base(tiny_model_dir):
-    policy, reference = models.load_policy(tiny_model_dir, lora_r=4)
+    policy, reference = load(tiny_model_dir, lora_r=4)
     assert reference is None and models.is_lora(policy)
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -43,7 +53,7 @@ def test_lora_on_all_linear_layers_and_frozen_base(tiny_model_dir):
 
 def test_quantized_full_finetuning_is_refused(tiny_model_dir):
     with pytest.raises(UserInputError, match="model.finetuning=full"):
-        models.load_policy(tiny_model_dir, finetuning="full", quantization="nf4")
+        load(tiny_model_dir, finetuning="full", quantization="nf4")
 
 
 @pytest.mark.slow
