@@ -2,7 +2,7 @@
 
 What this adds to plain LightningCLI:
 - defaults a user of the guide expects: TensorBoard logs in `tb_logs/`, periodic + last checkpoints
-  holding only trainable weights, a run summary at the end of fit;
+  holding only trainable weights, a run summary and a diagnosis (`diagnosis.md`) at the end of fit;
 - `--ckpt_path last` finds the newest `last.ckpt` of this run name and continues in that same run
   directory, so the TensorBoard curves of a resumed run stay one curve;
 - the tokenizer follows `model.model_name_or_path` (stated once, linked to the data module);
@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_dpo.callbacks import RunSummary
+from lit_dpo.callbacks import Diagnosis, RunSummary
 from lit_dpo.data import PreferenceDataModule
 from lit_dpo.errors import ConfigError
 from lit_dpo.module import DPOModule
@@ -43,6 +43,7 @@ class LitDPOCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(Diagnosis, "diagnosis")
         parser.set_defaults(
             {
                 "checkpoint.filename": "step{step:06d}",

@@ -16,6 +16,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from lit_dpo.callbacks.diagnosis import epochs_trained
+
 # (panel title, [(label, TensorBoard tag)]) — the guide's "what to track": loss curve and accuracy.
 PANELS = [
     ("loss", [("train", "train/loss"), ("val", "val/loss")]),
@@ -55,14 +57,14 @@ class RunSummary(L.Callback):
     def render(self, trainer: L.Trainer, curves: dict[str, list[tuple[int, float]]]) -> str:
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         minutes, seconds = divmod(int(time.monotonic() - self._started), 60)
-        epochs = trainer.fit_loop.epoch_progress.current.completed
-        how = "stopped early" if epochs < (trainer.max_epochs or 0) else "finished"
+        epochs = epochs_trained(trainer)
+        how = "stopped early" if epochs < (trainer.max_epochs or 0) - 1e-6 else "finished"
         train = _fmt(m, [("loss", "train/loss"), ("epoch loss", "train/loss_epoch"),
                          ("reward accuracy", "rewards/accuracies"), ("margin", "rewards/margins")])
         if curves.get("train/loss"):
             train += f" (first step loss {curves['train/loss'][0][1]:.4f})"
         lines = [
-            f"lit_dpo fit {how}: {epochs} epoch(s), {trainer.global_step} optimizer steps, {minutes}m{seconds:02d}s",
+            f"lit_dpo fit {how}: {epochs:.3g} epoch(s), {trainer.global_step} optimizer steps, {minutes}m{seconds:02d}s",
             f"  train: {train}",
         ]
         if "val/loss" in m:
