@@ -61,6 +61,11 @@ class LitDPOCLI(LightningCLI):
             }
         )
 
+    def before_instantiate_classes(self) -> None:
+        # validate/test/predict into an existing run directory must not replace the config of its fit
+        if self.subcommand and self.subcommand != "fit":
+            self.save_config_kwargs["config_filename"] = f"config_{self.subcommand}.yaml"
+
     # ------------------------------------------------------------------ run directory handling
     def _run_subcommand(self, subcommand: str) -> None:
         self._resolve_last_checkpoint(subcommand)

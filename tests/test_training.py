@@ -141,3 +141,13 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, tiny_model_dir):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_validate_and_test_reuse_the_run_and_keep_its_config(tmp_path, tiny_model_dir):
+    write_pairs(tmp_path / "pairs.jsonl")
+    run_cli(tmp_path, tiny_model_dir, "--trainer.max_steps=2")
+    run_dir = tmp_path / "tb_logs" / "run" / "version_0"
+    fit_config = (run_dir / "config.yaml").read_text()
+    cli = run_cli(tmp_path, tiny_model_dir, "--ckpt_path=last", subcommand="test")
+    assert "test/loss" in cli.trainer.callback_metrics and "test/rewards/accuracies" in cli.trainer.callback_metrics
+    assert (run_dir / "config.yaml").read_text() == fit_config and (run_dir / "config_test.yaml").is_file()
