@@ -10,9 +10,15 @@ def main() -> None:
         from lit_dpo.cli import main as cli_main
 
         cli_main()
-    except UserInputError as error:
+    except Exception as error:
         # One line naming the key/file/row and the fix; no traceback for input the user must correct.
-        print(f"lit_dpo: error: {error}", file=sys.stderr)
+        # jsonargparse wraps errors raised while it builds callbacks, so look through the causes.
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, UserInputError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        print(f"lit_dpo: error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 
