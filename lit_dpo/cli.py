@@ -2,7 +2,8 @@
 
 What this adds to plain LightningCLI:
 - defaults a user of the guide expects: TensorBoard logs in `tb_logs/`, periodic + last checkpoints
-  holding only trainable weights, a run summary and a diagnosis (`diagnosis.md`) at the end of fit;
+  holding only trainable weights, the guide's watchers (plateau, oscillation, divergence, memory), a
+  run summary and a diagnosis (`diagnosis.md`) at the end of fit;
 - `--ckpt_path last` finds the newest `last.ckpt` of this run name and continues in that same run
   directory, so the TensorBoard curves of a resumed run stay one curve;
 - the tokenizer follows `model.model_name_or_path` (stated once, linked to the data module);
@@ -15,12 +16,20 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_dpo.callbacks import Diagnosis, RunSummary
+from lit_dpo.callbacks import (
+    Diagnosis,
+    DivergenceGuard,
+    MemoryGuard,
+    OscillationDetector,
+    PlateauEarlyStopping,
+    RunSummary,
+)
 from lit_dpo.data import PreferenceDataModule
 from lit_dpo.errors import ConfigError
 from lit_dpo.module import DPOModule
@@ -42,6 +51,11 @@ class LitDPOCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # The guide's watchers, on for every run, each configurable under its own key (`--plateau.patience 2`).
+        parser.add_lightning_class_args(PlateauEarlyStopping, "plateau")
+        parser.add_lightning_class_args(OscillationDetector, "oscillation")
+        parser.add_lightning_class_args(DivergenceGuard, "divergence")
+        parser.add_lightning_class_args(MemoryGuard, "memory")  # before diagnosis: its OOM finding must exist first
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.add_lightning_class_args(Diagnosis, "diagnosis")
         parser.set_defaults(
@@ -60,6 +74,12 @@ class LitDPOCLI(LightningCLI):
                 "trainer.use_distributed_sampler": False,
             }
         )
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        # A callback the user lists in trainer.callbacks replaces this CLI's default of the same class
+        # (two instances of a stateful watcher could not share one checkpoint).
+        listed = {type(c) for c in (config.get("callbacks") or [])}
+        return super()._instantiate_trainer(config, [c for c in callbacks if type(c) not in listed])
 
     def before_instantiate_classes(self) -> None:
         # validate/test/predict into an existing run directory must not replace the config of its fit

@@ -268,6 +268,21 @@ class DPOModule(L.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_state")
+        # Resuming with a changed model.learning_rate (the guide's "decrease LR by 2x") must take effect;
+        # Lightning restores optimizer and scheduler from this dict after this hook. Scaling by new/old
+        # keeps any reduction made during the run (OscillationDetector).
+        old, new = checkpoint.get("hyper_parameters", {}).get("learning_rate"), self.hparams.learning_rate
+        if old and new != old:
+            ratio = new / old
+            for optimizer in checkpoint.get("optimizer_states", []):
+                for group in optimizer["param_groups"]:
+                    for key in ("lr", "initial_lr"):
+                        if key in group:
+                            group[key] *= ratio
+            for scheduler in checkpoint.get("lr_schedulers", []):
+                for key in ("base_lrs", "_last_lr"):
+                    if key in scheduler:
+                        scheduler[key] = [lr * ratio for lr in scheduler[key]]
 
 
 # --------------------------------------------------------------------------------------- helpers

@@ -1,7 +1,19 @@
 """Callbacks that watch a run and report on it (`class_path: lit_dpo.callbacks.<Name>` in YAML)."""
 
 from lit_dpo.callbacks.diagnosis import Diagnosis
+from lit_dpo.callbacks.divergence import DivergenceGuard
 from lit_dpo.callbacks.findings import Finding
+from lit_dpo.callbacks.memory_guard import MemoryGuard
+from lit_dpo.callbacks.oscillation import OscillationDetector
+from lit_dpo.callbacks.plateau import PlateauEarlyStopping
 from lit_dpo.callbacks.summary import RunSummary
 
-__all__ = ["Diagnosis", "Finding", "RunSummary"]
+__all__ = [
+    "Diagnosis",
+    "DivergenceGuard",
+    "Finding",
+    "MemoryGuard",
+    "OscillationDetector",
+    "PlateauEarlyStopping",
+    "RunSummary",
+]

@@ -94,10 +94,11 @@ def describe_ending(trainer: L.Trainer, findings: list[Finding], exception: Base
 
 
 def peak_memory_gb() -> float:
-    """Peak GPU memory allocated (CUDA) or peak resident memory of this process (CPU), in GB."""
+    """Peak GPU memory allocated (CUDA) or peak resident memory of this process (CPU), in GB of 2**30
+    bytes (as nvidia-smi and MemoryGuard count)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # ru_maxrss is in KiB on Linux
 
 
 def render(ending: str, findings: list[Finding], metrics: dict[str, float], peak_memory_gb: float, minutes: float) -> str:
