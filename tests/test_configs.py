@@ -80,3 +80,13 @@ def test_dotted_overrides_and_multiple_configs(tmp_path, capsys):
                         "--model.learning_rate", "1e-5", "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["beta"] == 0.3 and config["model"]["learning_rate"] == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(GUIDE) + ["sft"])
+def test_guide_watchers_are_on_with_the_guide_thresholds(name, capsys):
+    config = resolved_config(CONFIGS / f"{name}.yaml", capsys)
+    assert config["plateau"]["monitor"] == "val/loss" and config["plateau"]["min_epochs"] == 2
+    assert config["oscillation"]["action"] == "reduce_lr" and config["oscillation"]["factor"] == 0.5
+    assert config["divergence"]["keep_last_good"] is True
+    assert config["memory"]["soft_limit"] == 0.9
+    assert config["diagnosis"]["filename"] == "diagnosis.md"

@@ -151,3 +151,14 @@ def test_validate_and_test_reuse_the_run_and_keep_its_config(tmp_path, tiny_mode
     cli = run_cli(tmp_path, tiny_model_dir, "--ckpt_path=last", subcommand="test")
     assert "test/loss" in cli.trainer.callback_metrics and "test/rewards/accuracies" in cli.trainer.callback_metrics
     assert (run_dir / "config.yaml").read_text() == fit_config and (run_dir / "config_test.yaml").is_file()
+
+
+def test_resuming_with_a_halved_learning_rate_takes_effect(tmp_path, tiny_model_dir):
+    """The guide's "loss diverges → decrease learning_rate by 2x", applied on resume."""
+    write_pairs(tmp_path / "pairs.jsonl")
+    stop = {"class_path": "test_training.StopAfterSteps", "init_args": {"steps": 2}}
+    run_cli(tmp_path, tiny_model_dir, "--trainer.max_epochs=2", "--model.learning_rate=1e-2",
+            f"--trainer.callbacks=[{json.dumps(stop)}]")
+    cli = run_cli(tmp_path, tiny_model_dir, "--trainer.max_epochs=2", "--model.learning_rate=5e-3", "--ckpt_path=last")
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.base_lrs == pytest.approx([5e-3])
