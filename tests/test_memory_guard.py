@@ -22,8 +22,8 @@ from lit_dpo.callbacks.memory_guard import (
     MemorySample,
     cpu_reader,
     is_out_of_memory,
-    remedies,
 )
+from lit_dpo.callbacks.oom_remedies import remedies
 from lit_dpo.errors import ConfigError
 from test_training import run_cli, write_pairs
 

@@ -164,8 +164,9 @@ def plateau_of(cli) -> PlateauEarlyStopping:
 
 def test_cli_run_that_barely_learns_stops_early_and_keeps_best(tmp_path, tiny_model_dir):
     write_pairs(tmp_path / "pairs.jsonl", n=8)  # 6 train pairs: 6 steps per epoch
+    # min_progress 0: judge the barely-moving curve as a plateau (the default calls it flat, see below)
     cli = run_cli(tmp_path, tiny_model_dir, "--trainer.max_epochs=4", "--model.learning_rate=1e-7",
-                  callbacks_arg({"class_path": CLASS_PATH}))
+                  callbacks_arg({"class_path": CLASS_PATH, "init_args": {"min_progress": 0.0}}))
     callback = plateau_of(cli)
     assert cli.trainer.global_step == 12 and callback.stopped_epoch == 2  # stopped after epoch 2 of 4
     assert callback.plateau_start_epoch == 1 and "val/loss" in callback.stopping_reason_message
@@ -181,6 +182,16 @@ def test_cli_run_that_barely_learns_stops_early_and_keeps_best(tmp_path, tiny_mo
     assert findings[PLATEAU_RULE].recommendation == "trainer.max_epochs: 2 (was 4)"
     assert findings[EARLY_RULE].recommendation == "model.learning_rate: 2e-07 (was 1e-07); model.beta: 0.2 (was 0.1)"
     assert "trainer.max_epochs: 2 (was 4)" in (best.parent.parent / "diagnosis.md").read_text()
+
+
+def test_a_flat_curve_is_not_stopped_as_a_plateau(tmp_path, tiny_model_dir):
+    """Guide: "Bad: Flat (increase LR or beta)" is not "plateaus in epoch 3": stopping would not help."""
+    write_pairs(tmp_path / "pairs.jsonl", n=8)
+    cli = run_cli(tmp_path, tiny_model_dir, "--trainer.max_epochs=4", "--model.learning_rate=1e-7",
+                  callbacks_arg({"class_path": CLASS_PATH}))
+    callback = plateau_of(cli)
+    assert cli.trainer.global_step == 24 and callback.stopped_epoch == 0
+    assert callback.start_value == pytest.approx(0.693147, abs=1e-4)
 
 
 def test_cli_missing_monitor_key_lists_the_available_ones(tmp_path, tiny_model_dir):

@@ -77,8 +77,8 @@ class DivergenceGuard(L.Callback):
     earlier may already hold bad weights: a step's loss only shows whether the weights *before* it were
     healthy. With the model itself rolled back, every save from the stop on holds good weights.
 
-    Flat: the first `flat_steps` step losses after the LR warm-up (or the first epoch's, if it ends
-    sooner) stay within `flat_band` of the first one; the policy is not leaving the reference (where
+    Flat: the step losses up to `flat_steps` steps after the LR warm-up (or to the first epoch end with
+    at least `flat_steps // 5` of them, if that comes sooner) stay within `flat_band` of the first one; the policy is not leaving the reference (where
     DPO's loss is ln 2 = 0.693). Slowing: over the last `speed_window` steps after `min_steps`, the
     median tokens/s of each quarter is below the one before, `slowdown` lower in all; a slow first epoch
     (initialization) is a rise, not a fall. Both only advise.
@@ -225,8 +225,9 @@ class DivergenceGuard(L.Callback):
             self._check_flat(trainer.global_step, epoch_end=True)
 
     def _check_flat(self, step: int, epoch_end: bool) -> None:
-        warmup, n = self._context.get("warmup_steps") or 0, len(self._early_losses)
-        if n >= warmup + self.flat_steps or (epoch_end and n >= max(warmup + 1, 2)):
+        # Judged on enough steps at full LR: a loss barely moving while the LR still warms up is expected.
+        after_warmup = len(self._early_losses) - (self._context.get("warmup_steps") or 0)
+        if after_warmup >= self.flat_steps or (epoch_end and after_warmup >= max(2, self.flat_steps // 5)):
             flat, seen = self.is_flat(self._early_losses)
             self._flat, self._early_losses = {"step": step, "flat": flat, "seen": seen}, []
             if flat:

@@ -50,6 +50,9 @@ class PlateauEarlyStopping(EarlyStopping):
         smoothing: EMA factor in [0, 1) applied to the checked values before judging; 0 = raw values,
             0.6 is TensorBoard-like, higher reacts later but ignores more noise.
         min_epochs: Never stop before this many epochs have finished, so epoch-1 noise cannot end a run.
+        min_progress: For a loss monitor, the relative fall from the first step's `train/loss` needed
+            before a stop counts as a plateau; below it the curve is flat (never left the start), where
+            stopping does not help and the guide says "increase LR or beta". 0 disables.
         save_best: Save `best.ckpt` (trainable weights only, for validate/test/export) in the run's
             checkpoint directory each time the smoothed value reaches a new best.
         verbose: Log the verdict of every check, not only the stop.
@@ -73,10 +76,12 @@ class PlateauEarlyStopping(EarlyStopping):
         check_every_n_steps: int = 50,
         smoothing: float = 0.0,
         min_epochs: int = 2,
+        min_progress: float = 0.01,
         save_best: bool = True,
         verbose: bool = False,
     ) -> None:
-        _validate(monitor, mode, min_delta, patience, window, check_on, check_every_n_steps, smoothing, min_epochs)
+        _validate(monitor, mode, min_delta, patience, window, check_on, check_every_n_steps, smoothing, min_epochs,
+                  min_progress)
         super().__init__(monitor=monitor, mode=mode, patience=patience, verbose=verbose, check_finite=False)
         self.min_delta = min_delta  # relative, unlike EarlyStopping's absolute (and sign-flipped) one
         self.window = window
@@ -84,9 +89,11 @@ class PlateauEarlyStopping(EarlyStopping):
         self.check_every_n_steps = check_every_n_steps
         self.smoothing = smoothing
         self.min_epochs = min_epochs
+        self.min_progress = min_progress
         self.save_best = save_best
         self.best_score = math.inf if mode == "min" else -math.inf
         self.history: list[dict[str, Any]] = []
+        self.start_value: float | None = None  # first step's train/loss: a plateau needs progress from here
         self.plateau_start_epoch: int | None = None
         self.best_model_path = ""
         self._step_sum, self._step_count, self._last_step = 0.0, 0, 0  # check_on="steps" accumulator
@@ -120,6 +127,8 @@ class PlateauEarlyStopping(EarlyStopping):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self.start_value is None and self.min_progress and self.mode == "min" and "train/loss" in trainer.callback_metrics:
+            self.start_value = float(trainer.callback_metrics["train/loss"])  # the loss before any learning
         if self.check_on != "steps" or trainer.global_step == self._last_step:
             return  # still accumulating gradients: no new optimizer step
         value = step_loss(trainer, self._last_step, key=self.monitor)
@@ -199,6 +208,12 @@ class PlateauEarlyStopping(EarlyStopping):
             return False, f"{flat} Patience {self.patience}."
         if completed < self.min_epochs:
             return False, f"{flat} Not stopping before min_epochs={self.min_epochs}."
+        if self.start_value is not None:
+            progress = self._relative_improvement(self.start_value, self.best_score)
+            if progress < self.min_progress:  # never left the start: stopping would not help, LR/beta would
+                return False, (f"{flat} Not stopping: {progress:+.2%} from the first step's loss "
+                               f"{self.start_value:.4f} is a flat curve, not a converged one (guide: 'Bad: Flat "
+                               "(increase LR or beta)').")
         return True, f"{flat} Stopping: the loss has plateaued."
 
     def _relative_improvement(self, reference: float, current: float) -> float:
@@ -242,7 +257,7 @@ class PlateauEarlyStopping(EarlyStopping):
         kept = f"; best {self.monitor} {best['smoothed']:.4f} at epoch {best['epoch']}" if best else ""
         kept += f", kept in {self.best_model_path}" if self.best_model_path else ""
         if self.wait_count < self.patience:  # no plateau at the end of the run
-            out = [finding(PLATEAU_RULE, "ok", f"no plateau: {self.monitor} never missed min_delta {self.min_delta:.0%}"
+            out = [finding(PLATEAU_RULE, "ok", f"no plateau: {self.monitor} never missed min_delta {self.min_delta:.2%}"
                            f" {self.patience} check(s) in a row; {last['improvement']:+.2%} at the last, epoch "
                            f"{last['epoch']}{kept}"),
                    finding(EARLY_RULE, "ok", "no early plateau")]
@@ -258,7 +273,7 @@ class PlateauEarlyStopping(EarlyStopping):
         stopped = bool(self.stopped_epoch) and (max_epochs is None or self.stopped_epoch < max_epochs)
         epochs = max(start, 2)  # MISTAKE 3: "num_train_epochs = 1" is wrong, so never advise fewer than 2
         out = [finding(PLATEAU_RULE, "stop" if stopped else "advice",
-                       f"{self.monitor} improved less than {self.min_delta:.0%} for {self.wait_count} check(s): the "
+                       f"{self.monitor} improved less than {self.min_delta:.2%} for {self.wait_count} check(s): the "
                        f"plateau began at epoch {start}" + (f"; stopped after epoch {self.stopped_epoch}" if stopped else "")
                        + kept, f"trainer.max_epochs: {epochs}{was}" if not max_epochs or epochs < max_epochs else "",
                        last["step"])]
@@ -289,11 +304,12 @@ class PlateauEarlyStopping(EarlyStopping):
         return {"history": self.history, "best_score": self.best_score, "best_model_path": self.best_model_path,
                 "wait_count": self.wait_count, "plateau_start_epoch": self.plateau_start_epoch,
                 "stopped_epoch": self.stopped_epoch, "stopping_reason_message": self.stopping_reason_message,
-                "steps": (self._step_sum, self._step_count, self._last_step)}
+                "steps": (self._step_sum, self._step_count, self._last_step), "start_value": self.start_value}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
+        self.start_value = state_dict.get("start_value")
         self.best_score, self.best_model_path = state_dict["best_score"], state_dict["best_model_path"]
         self.wait_count, self.plateau_start_epoch = state_dict["wait_count"], state_dict["plateau_start_epoch"]
         self.stopped_epoch = state_dict["stopped_epoch"]
@@ -308,7 +324,7 @@ def _epoch_finished(trainer: L.Trainer) -> bool:
 
 
 def _validate(monitor: str, mode: str, min_delta: float, patience: int, window: int, check_on: str,
-              check_every_n_steps: int, smoothing: float, min_epochs: int) -> None:
+              check_every_n_steps: int, smoothing: float, min_epochs: int, min_progress: float) -> None:
     def fail(message: str) -> None:
         raise ConfigError(f"PlateauEarlyStopping: {message}")
 
@@ -316,8 +332,9 @@ def _validate(monitor: str, mode: str, min_delta: float, patience: int, window: 
         fail(f"mode must be 'min' (losses) or 'max' (accuracies), got {mode!r}")
     if not (math.isfinite(min_delta) and 0 <= min_delta < 1):
         fail(f"min_delta is a relative improvement in [0, 1), e.g. 0.01 for 1%; got {min_delta}")
-    if patience < 1 or window < 1 or min_epochs < 0:
-        fail(f"patience and window must be >= 1 and min_epochs >= 0; got {patience}, {window}, {min_epochs}")
+    if patience < 1 or window < 1 or min_epochs < 0 or not 0 <= min_progress < 1:
+        fail(f"patience and window must be >= 1, min_epochs >= 0 and min_progress in [0, 1); "
+             f"got {patience}, {window}, {min_epochs}, {min_progress}")
     if not 0 <= smoothing < 1:
         fail(f"smoothing is an EMA factor in [0, 1) (0 = off, 0.6 typical); got {smoothing}")
     if check_on not in ("epoch", "steps"):
