@@ -110,6 +110,7 @@ class DPOModule(L.LightningModule):
         self.strict_loading = False
         self.train_metrics = _mean_metrics()  # one optimizer step (all accumulated micro-batches)
         self.epoch_metrics = _mean_metrics()  # the whole training epoch
+        self.epoch_metrics.apply(lambda m: m.persistent(True) if isinstance(m, MeanMetric) else None)  # resumes mid-epoch
         self.val_metrics = _mean_metrics()
         self.tokens_seen = SumMetric()
         self._window_start = time.perf_counter()
@@ -262,7 +263,10 @@ class DPOModule(L.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # trainable weights, plus the running epoch means so a mid-epoch resume reports the whole epoch
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable or k.startswith("epoch_metrics.")
+        }
         checkpoint["rng_state"] = _get_rng_state()
 
     @override

@@ -114,7 +114,8 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, tiny_model_
     write_pairs(tmp_path / "pairs.jsonl", n=20)
     common = ["--trainer.max_epochs=2", "--trainer.accumulate_grad_batches=2", "--checkpoint.every_n_train_steps=1",
               "--model.lora_dropout=0.1"]  # dropout on: the RNG state must resume too
-    full = lora_state(run_cli(tmp_path, tiny_model_dir, *common))
+    full_cli = run_cli(tmp_path, tiny_model_dir, *common)
+    full = lora_state(full_cli)
 
     stop = {"class_path": "test_training.StopAfterSteps", "init_args": {"steps": 3}}  # mid first epoch
     run_cli(tmp_path, tiny_model_dir, *common, f"--trainer.callbacks=[{json.dumps(stop)}]")
@@ -124,6 +125,15 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, tiny_model_
     assert resumed_cli.trainer.global_step == 16
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-6, msg=name)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def epoch_losses(version: int) -> list[float]:
+        events = EventAccumulator(str(tmp_path / "tb_logs" / "run" / f"version_{version}")).Reload()
+        return [e.value for e in events.Scalars("train/loss_epoch")]
+
+    # the interrupted epoch's mean covers the steps before the interruption too
+    # (the stopped session also logged its partial epoch first)
+    assert epoch_losses(1)[-2:] == pytest.approx(epoch_losses(0), abs=1e-6) and len(epoch_losses(0)) == 2
 
 
 def test_gradient_accumulation_matches_a_big_batch(tmp_path, tiny_model_dir):
