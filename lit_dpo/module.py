@@ -110,7 +110,7 @@ class DPOModule(L.LightningModule):
         self.strict_loading = False
         self.train_metrics = _mean_metrics()  # one optimizer step (all accumulated micro-batches)
         self.epoch_metrics = _mean_metrics()  # the whole training epoch
-        self.epoch_metrics.apply(lambda m: m.persistent(True) if isinstance(m, MeanMetric) else None)  # resumes mid-epoch
+        self.epoch_metrics.apply(lambda m: m.persistent(True) if isinstance(m, MeanMetric) else None)  # checkpointed
         self.val_metrics = _mean_metrics()
         self.tokens_seen = SumMetric()
         self._window_start = time.perf_counter()
@@ -263,15 +263,16 @@ class DPOModule(L.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        # trainable weights, plus the running epoch means so a mid-epoch resume reports the whole epoch
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k in trainable or k.startswith("epoch_metrics.")
-        }
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # the running epoch means, so an epoch interrupted and resumed still reports its whole mean
+        checkpoint["epoch_metrics"] = self.epoch_metrics.state_dict()
         checkpoint["rng_state"] = _get_rng_state()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_state")
+        if "epoch_metrics" in checkpoint:
+            self.epoch_metrics.load_state_dict(checkpoint["epoch_metrics"])
         # Resuming with a changed model.learning_rate (the guide's "decrease LR by 2x") must take effect;
         # Lightning restores optimizer and scheduler from this dict after this hook. Scaling by new/old
         # keeps any reduction made during the run (OscillationDetector).
