@@ -13,7 +13,7 @@ import torch
 
 import lit_dpo.data.datamodule as datamodule_module
 from lit_dpo.data import DataError, PreferenceCollator, PreferenceDataModule, generate_pairs, write_jsonl
-from lit_dpo.data.datamodule import fit_prompt
+from lit_dpo.data.tokenize import fit_prompt
 from lit_dpo.data.synthetic import GENRE_KEYWORDS, build_catalogue
 
 
@@ -379,7 +379,7 @@ def test_second_setup_reads_tokenization_cache(tmp_path, tiny_model_dir, monkeyp
     def must_not_run(*args, **kwargs):
         raise AssertionError("tokenization ran again instead of reading the cache")
 
-    monkeypatch.setattr(datamodule_module, "_tokenize_batch", must_not_run)
+    monkeypatch.setattr(datamodule_module, "tokenize_batch", must_not_run)
     second = make_dm(tiny_model_dir, path)
     assert second.train_dataset.cache_files == first.train_dataset.cache_files
     assert second.train_dataset["prompt_input_ids"] == first.train_dataset["prompt_input_ids"]

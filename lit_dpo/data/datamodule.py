@@ -28,11 +28,10 @@ from lit_dpo.data.collate import PreferenceCollator
 from lit_dpo.data.loading import Columns, DataError, Source, check_path, load_source, saved_splits
 from lit_dpo.data.sampler import ResumableBatchSampler
 from lit_dpo.data.synthetic import GENERATOR_VERSION, generate_pairs, write_jsonl
+from lit_dpo.data.tokenize import HELPER_COLUMNS, TOKENIZATION_VERSION, tokenize_batch, tokenizer_digest
 from lit_dpo.models import cache_root, load_tokenizer
 
-TOKENIZATION_VERSION = 1  # bump when `_tokenize_batch` changes, so cached tokenized datasets are not reused
 SYNTHETIC_SEED = 0  # the built-in set stays the same across `seed`s, so runs with different seeds compare
-_HELPER_COLUMNS = ("_too_long", "_truncated", "_identical", "_prompt_len", "_completion_len")
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -290,7 +289,7 @@ class PreferenceDataModule(L.LightningDataModule):
             "source": source.dataset._fingerprint,
             "tokenizer": tokenizer.name_or_path,
             "tokenizer_class": type(tokenizer).__name__,
-            "vocab": _tokenizer_digest(tokenizer),
+            "vocab": tokenizer_digest(tokenizer),
             "chat_template": tokenizer.chat_template if chat else None,
             "columns": self.columns.items(),
             "max_prompt_length": self.max_prompt_length,
@@ -299,7 +298,7 @@ class PreferenceDataModule(L.LightningDataModule):
         }
         fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
         dataset = source.dataset.map(
-            _tokenize_batch,
+            tokenize_batch,
             batched=True,
             fn_kwargs={
                 "tokenizer": tokenizer,
@@ -312,7 +311,7 @@ class PreferenceDataModule(L.LightningDataModule):
             new_fingerprint=fingerprint,
             desc=f"Tokenizing {split} pairs",
         )
-        flags = dataset.select_columns(list(_HELPER_COLUMNS)).with_format("numpy")[:]
+        flags = dataset.select_columns(list(HELPER_COLUMNS)).with_format("numpy")[:]
         keep = np.flatnonzero(~flags["_too_long"])
         if len(keep) == 0:
             raise DataError(
@@ -345,63 +344,4 @@ class PreferenceDataModule(L.LightningDataModule):
             )
         if stats["dropped_too_long"]:
             dataset = dataset.select(keep)
-        return dataset.remove_columns(list(_HELPER_COLUMNS))
-
-
-def fit_prompt(prompt_ids: list[int], completion_len: int, max_prompt_length: int, max_length: int) -> list[int] | None:
-    """Left-truncate a prompt so that prompt + completion fits; None when even one prompt token cannot fit.
-
-    Args:
-        prompt_ids: Prompt token ids.
-        completion_len: Tokens in the longer of the two completions (EOS included).
-        max_prompt_length: Upper bound on prompt tokens kept.
-        max_length: Upper bound on prompt + completion tokens.
-
-    Returns:
-        The last `min(max_prompt_length, max_length - completion_len)` prompt tokens, or None if that is < 1.
-    """
-    budget = min(max_prompt_length, max_length - completion_len)
-    if budget < 1:
-        return None
-    return prompt_ids[-budget:]
-
-
-def _tokenize_batch(
-    batch: dict[str, list], tokenizer, columns: Columns, chat: bool, max_prompt_length: int, max_length: int
-) -> dict[str, list]:
-    """`Dataset.map` function: token ids for prompt/chosen/rejected plus the helper columns used for stats."""
-    prompts = batch[columns.prompt]
-    if chat:
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            for p in prompts
-        ]
-        prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    else:
-        prompt_ids = tokenizer(prompts)["input_ids"]
-    # EOS closes the assistant turn; the model must learn to stop, so it is part of what is scored.
-    eos = [tokenizer.eos_token_id]
-    chosen = [ids + eos for ids in tokenizer(batch[columns.chosen], add_special_tokens=False)["input_ids"]]
-    rejected = [ids + eos for ids in tokenizer(batch[columns.rejected], add_special_tokens=False)["input_ids"]]
-
-    out: dict[str, list] = {name: [] for name in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
-    out.update({name: [] for name in _HELPER_COLUMNS})
-    for prompt, good, bad in zip(prompt_ids, chosen, rejected):
-        completion_len = max(len(good), len(bad))
-        fitted = fit_prompt(prompt, completion_len, max_prompt_length, max_length)
-        out["prompt_input_ids"].append(fitted or [])
-        out["chosen_input_ids"].append(good)
-        out["rejected_input_ids"].append(bad)
-        out["_too_long"].append(fitted is None)
-        out["_truncated"].append(fitted is not None and len(fitted) < len(prompt))
-        out["_identical"].append(good == bad)
-        out["_prompt_len"].append(len(fitted or []))
-        out["_completion_len"].append(completion_len)
-    return out
-
-
-def _tokenizer_digest(tokenizer) -> str:
-    """A hash of the tokenizer's vocabulary and rules, so a changed tokenizer under the same path re-tokenizes."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    content = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256(content.encode()).hexdigest()
+        return dataset.remove_columns(list(HELPER_COLUMNS))
