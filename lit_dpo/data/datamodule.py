@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import datasets
@@ -201,6 +202,10 @@ class PreferenceDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         # Lightning restores the data module before it builds the train loader; apply it there.
         self._sampler_state_to_load = state_dict.get("train_sampler")
+        if self._sampler_state_to_load is not None:
+            # Lightning's mid-epoch warning looks for a stateful DataLoader and cannot see that this
+            # data module resumes the order itself (tests/test_training.py proves the resume exact).
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     @override
     def val_dataloader(self) -> DataLoader:
