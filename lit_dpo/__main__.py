@@ -1,4 +1,5 @@
-"""Entry point: `python -m lit_dpo {fit,validate,test,predict} --config configs/balanced.yaml`."""
+"""Entry point: `python -m lit_dpo {fit,validate,test,predict} --config configs/balanced.yaml`, and
+`python -m lit_dpo prepare movielens --source DIR --out DIR` to build train/val/test JSONL from MovieLens."""
 
 import sys
 
@@ -6,6 +7,10 @@ from lit_dpo.errors import UserInputError
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["prepare"]:  # data preparation is not a Lightning subcommand
+        from lit_dpo.data.movielens import main as prepare_main
+
+        sys.exit(prepare_main(sys.argv[1:]))
     try:
         from lit_dpo.cli import main as cli_main
 

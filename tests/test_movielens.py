@@ -230,3 +230,28 @@ def test_main(ml1m, tmp_path, capsys):
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["examples"]["test"] == 3
     assert (tmp_path / "o" / "test.jsonl").is_file()
+
+
+def test_python_m_lit_dpo_prepare_movielens(ml1m, tmp_path, monkeypatch, capsys):
+    """The package entry point dispatches `prepare movielens` (outside LightningCLI)."""
+    import sys
+
+    from lit_dpo.__main__ import main as package_main
+
+    out = tmp_path / "prepared"
+    monkeypatch.setattr(sys, "argv", ["lit_dpo", "prepare", "movielens", "--source", str(ml1m), "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        package_main()
+    assert exit_info.value.code == 0
+    assert all((out / f"{split}.jsonl").is_file() for split in ("train", "val", "test"))
+
+
+def test_prepared_files_train_directly(ml1m, tmp_path, tiny_model_dir):
+    """train.jsonl / val.jsonl are usable as data.train_path / data.val_path as they are."""
+    from test_training import run_cli
+
+    out = tmp_path / "prepared"
+    prepare(ml1m, out, num_candidates=5, history_len=3)
+    cli = run_cli(tmp_path, tiny_model_dir, "--trainer.max_steps=2", f"--data.train_path={out / 'train.jsonl'}",
+                  f"--data.val_path={out / 'val.jsonl'}")
+    assert cli.trainer.global_step == 2
