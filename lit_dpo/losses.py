@@ -134,6 +134,20 @@ def simpo_loss(logps: PreferenceLogps, config: LossConfig) -> Tensor:
     return -F.logsigmoid(config.beta * (lc - lr) - config.simpo_gamma)
 
 
+def sdpo_loss(logps: PreferenceLogps, config: LossConfig) -> Tensor:
+    """Softmax DPO over K rejected answers: -log σ(-log Σ_j exp(β(r_j - r_c))).
+
+    Chen et al. 2024 (S-DPO, arXiv:2406.09215), eq. 9: the chosen answer must beat all K negatives at
+    once. `policy_rejected` / `reference_rejected` may be [B] (K = 1, where this equals sigmoid DPO
+    exactly: log Σ over one term is β(r_r - r_c)) or [B, K].
+    """
+    r_chosen = logps.policy_chosen - logps.reference_chosen
+    r_rejected = logps.policy_rejected - logps.reference_rejected
+    if r_rejected.dim() == 1:
+        r_rejected = r_rejected.unsqueeze(-1)
+    return -F.logsigmoid(-torch.logsumexp(config.beta * (r_rejected - r_chosen.unsqueeze(-1)), dim=-1))
+
+
 LOSSES: dict[str, Callable[[PreferenceLogps, LossConfig], Tensor]] = {
     "sigmoid": sigmoid_loss,
     "cdpo": cdpo_loss,
@@ -142,6 +156,7 @@ LOSSES: dict[str, Callable[[PreferenceLogps, LossConfig], Tensor]] = {
     "ipo": ipo_loss,
     "sft": sft_loss,
     "simpo": simpo_loss,
+    "sdpo": sdpo_loss,
 }
 LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
 

@@ -80,7 +80,7 @@ class DPOModule(L.LightningModule):
 
         Args:
             model_name_or_path: HF directory, hub id, `.gguf` file, or `embedded:smollm2-135m-instruct`.
-            loss_type: One of sigmoid (DPO), cdpo, robust, hinge, ipo, sft, simpo.
+            loss_type: One of sigmoid (DPO), cdpo, robust, hinge, ipo, sft, simpo, sdpo (S-DPO; = sigmoid with one negative).
             beta: Strength of the KL anchor to the reference; the guide's range 0.05–0.5, 0.1 default.
             label_smoothing: Assumed label-noise rate ε for cdpo / robust, in [0, 0.5).
             simpo_gamma: Target reward margin γ of the simpo loss.

@@ -198,7 +198,7 @@ def test_simpo_matches_trl_cpo():
 
 
 def test_loss_table():
-    assert LOSS_TYPES == ("sigmoid", "cdpo", "robust", "hinge", "ipo", "sft", "simpo")
+    assert LOSS_TYPES == ("sigmoid", "cdpo", "robust", "hinge", "ipo", "sft", "simpo", "sdpo")
     for name, fn in LOSSES.items():
         assert torch.equal(preference_loss(name, _example(), LossConfig()), fn(_example(), LossConfig()))
 
@@ -279,3 +279,31 @@ def test_losses_module_stays_pure():
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not {m.split(".")[0] for m in names} & {"lightning", "pytorch_lightning", "peft"}
+
+
+def test_sdpo_with_one_negative_equals_sigmoid():
+    """S-DPO eq. 9 at K = 1: -log σ(-β(r_r - r_c)) = -log σ(βΔ)."""
+    torch.manual_seed(0)
+    b = 6
+    logps = PreferenceLogps(
+        policy_chosen=torch.randn(b) * 5 - 20, policy_rejected=torch.randn(b) * 5 - 20,
+        reference_chosen=torch.randn(b) * 5 - 20, reference_rejected=torch.randn(b) * 5 - 20,
+        chosen_tokens=torch.full((b,), 4), rejected_tokens=torch.full((b,), 5),
+    )
+    config = LossConfig(beta=0.3)
+    torch.testing.assert_close(LOSSES["sdpo"](logps, config), LOSSES["sigmoid"](logps, config))
+
+
+def test_sdpo_two_negatives_by_hand():
+    """r_c = -5 - (-6) = 1; r_1 = -7 - (-6) = -1; r_2 = -6 - (-6) = 0; β = 1.
+    inner = log(e^{β(r_1 - r_c)} + e^{β(r_2 - r_c)}) = log(e^{-2} + e^{-1}) = -0.686738...
+    loss = -log σ(0.686738) = log(1 + e^{-0.686738}) = 0.405784...
+    """
+    logps = PreferenceLogps(
+        policy_chosen=torch.tensor([-5.0]), policy_rejected=torch.tensor([[-7.0, -6.0]]),
+        reference_chosen=torch.tensor([-6.0]), reference_rejected=torch.tensor([[-6.0, -6.0]]),
+        chosen_tokens=torch.tensor([2]), rejected_tokens=torch.tensor([[2, 2]]),
+    )
+    inner = math.log(math.exp(-2) + math.exp(-1))
+    expected = math.log1p(math.exp(inner))
+    torch.testing.assert_close(LOSSES["sdpo"](logps, LossConfig(beta=1.0)), torch.tensor([expected]))
