@@ -1,16 +1,21 @@
 """Entry point: `python -m lit_dpo {fit,validate,test,predict} --config configs/balanced.yaml`, and
-`python -m lit_dpo prepare movielens --source DIR --out DIR` to build train/val/test JSONL from MovieLens."""
+`python -m lit_dpo prepare movielens --source DIR --out DIR` (train/val/test JSONL from MovieLens) and
+`python -m lit_dpo report RUN_DIR [RUN_DIR ...]` (comparison table, CIs, McNemar)."""
 
 import sys
 
 from lit_dpo.errors import UserInputError
 
 
-def main() -> None:
-    if sys.argv[1:2] == ["prepare"]:  # data preparation is not a Lightning subcommand
-        from lit_dpo.data.movielens import main as prepare_main
+# Subcommands that are not Lightning's: module whose `main(argv)` takes the arguments from the name on.
+TOOLS = {"prepare": "lit_dpo.data.movielens", "report": "lit_dpo.report"}
 
-        sys.exit(prepare_main(sys.argv[1:]))
+
+def main() -> None:
+    if sys.argv[1:2] and sys.argv[1] in TOOLS:
+        import importlib
+
+        sys.exit(importlib.import_module(TOOLS[sys.argv[1]]).main(sys.argv[1:]))
     try:
         from lit_dpo.cli import main as cli_main
 

@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(build_report(args.run_dirs, args.out))
     except UserInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"lit_dpo: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -143,3 +143,15 @@ def test_main_returns_two_with_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "results.json" in err
+
+
+def test_python_m_lit_dpo_report_dispatches(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from lit_dpo.__main__ import main as package_main
+
+    monkeypatch.setattr(sys, "argv", ["lit_dpo", "report", str(tmp_path / "no-run")])
+    with pytest.raises(SystemExit) as exit_info:
+        package_main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("lit_dpo: error:")
