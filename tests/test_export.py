@@ -118,3 +118,15 @@ def test_full_finetuning_checkpoint_exports_the_policy(tmp_path, tiny_model_dir)
     torch.testing.assert_close(logits(merged), expected, rtol=0, atol=1e-5)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     assert (logits(base) - expected).abs().max() > 1e-3  # the trained weights were saved, not the base
+
+
+def test_python_m_lit_dpo_export_dispatches(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from lit_dpo.__main__ import main as package_main
+
+    monkeypatch.setattr(sys, "argv", ["lit_dpo", "export", "--ckpt_path", str(tmp_path / "missing.ckpt"),
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        package_main()
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip().startswith("lit_dpo: error:")
