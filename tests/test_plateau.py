@@ -17,16 +17,6 @@ from lit_dpo.errors import ConfigError
 CLASS_PATH = "lit_dpo.callbacks.plateau.PlateauEarlyStopping"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from a second thread; on a shared 2-core machine OpenMP's spinning
-    threads made these runs 10x slower (3 s vs 30 s+ per fit)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def feed(callback: PlateauEarlyStopping, values: list[float]) -> list[bool]:
     """One check per epoch; returns the stop verdict of each."""
     return [callback._evaluate_stopping_criteria(v)[0] for v in values]
