@@ -1,0 +1,275 @@
+"""Scoring a trained policy on candidate-list recommendation prompts and writing `results.json`.
+
+The thesis question (does DPO beat SFT on ranking adherence?) needs every run evaluated the same
+way on the same prompts. For each prompt this module ranks the K candidate titles by the policy's
+log-probability of each title as the completion (tokenized exactly as in training: chat-templated
+prompt, title + EOS), optionally lets the policy answer greedily, and turns both into the metrics of
+:mod:`lit_dpo.evaluation`. The output is the `results.json` schema that :mod:`lit_dpo.report` reads.
+
+Metric names (all in [0, 1]):
+    ``hit@1``: the headline, HR@1 of the summed log-prob ranking. Summed log-prob is the quantity DPO
+        and SFT optimise, so it is the score that measures what training changed.
+    ``hr@k_sum, ndcg@k_sum, mrr_sum``: ranking by summed log-prob (``hit@1 == hr@1_sum``).
+    ``hr@k_mean, ndcg@k_mean, mrr_mean``: ranking by per-token mean log-prob (removes the short-title bias).
+    ``valid_ratio, hr@1_all, hr@1_valid``: greedy generation (S-DPO's correct/all, LLaRA's correct/valid).
+    ``random_*``: exact expectation of a uniformly random ranking; ``popular_*``: training-target popularity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_dpo.data.collate import IGNORE_INDEX
+from lit_dpo.errors import UserInputError
+from lit_dpo.evaluation import (
+    candidate_scores,
+    generation_metrics,
+    parse_answer,
+    popularity_scores,
+    random_baseline,
+    rank_of_target,
+    ranking_metrics,
+)
+from lit_dpo.report import HIT_KEY, RESULTS_FILE
+
+KS = (1, 5, 10)
+HEADLINE = "sum"  # which score `hit@1` (and so McNemar in the report) uses; see the module docstring
+
+
+class RankingInputError(UserInputError):
+    """A malformed evaluation record (names the record and key, and the fix)."""
+
+
+# ---------------------------------------------------------------------------------- tokenization
+def encode_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> list[int]:
+    """Prompt token ids exactly as `lit_dpo.data.tokenize.tokenize_batch` builds them (before truncation).
+
+    Args:
+        tokenizer: The run's tokenizer.
+        prompt: The user message.
+        use_chat_template: Wrap as one user turn plus the assistant header (training's `chat=True`).
+
+    Returns:
+        Token ids; with the chat template no extra special tokens are added (the template has them).
+    """
+    if use_chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_completion(tokenizer, text: str) -> list[int]:
+    """Completion token ids as in training: the text without special tokens, then EOS (the end of the turn)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+
+@contextlib.contextmanager
+def _eval_mode(module) -> Iterator[None]:
+    """Eval mode (no LoRA dropout) and no grad, restoring the previous training flag afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+def _device(module) -> torch.device:
+    return next(module.policy.parameters()).device
+
+
+# ---------------------------------------------------------------------------------------- scoring
+def score_candidates(
+    module, tokenizer, prompt: str, candidates: Sequence[str], batch_size: int = 16, use_chat_template: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Summed log-prob of each candidate as the completion of `prompt`, and its token count.
+
+    Args:
+        module: A configured `DPOModule` (its `policy` is scored, adapters on).
+        tokenizer: The run's tokenizer.
+        prompt: The user message.
+        candidates: K candidate titles; EOS is appended to each, as in training.
+        batch_size: Candidates per forward pass.
+        use_chat_template: Tokenize the prompt with the chat template, as the run was trained.
+
+    Returns:
+        ``(summed, counts)``: float32 [K] summed log-probs (nats) and int64 [K] completion token counts.
+    """
+    if not candidates:
+        raise RankingInputError("candidates: empty list; give each prompt at least one candidate title")
+    prompt_ids = encode_prompt(tokenizer, prompt, use_chat_template)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = _device(module)
+    sums, counts = [], []
+    with _eval_mode(module):
+        for start in range(0, len(candidates), batch_size):
+            completions = [encode_completion(tokenizer, c) for c in candidates[start : start + batch_size]]
+            width = len(prompt_ids) + max(len(c) for c in completions)
+            # Right padding, as in PreferenceCollator, so positions match training.
+            input_ids = torch.full((len(completions), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
+            for i, completion in enumerate(completions):
+                n = len(prompt_ids) + len(completion)
+                input_ids[i, :n] = torch.tensor(prompt_ids + completion)
+                attention_mask[i, :n] = 1
+                labels[i, len(prompt_ids) : n] = input_ids[i, len(prompt_ids) : n]
+            batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+            summed, count = module.completion_logps(module.policy, batch)
+            sums.append(summed.float().cpu())
+            counts.append(count.cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def generate_answer(module, tokenizer, prompt: str, max_new_tokens: int = 32, use_chat_template: bool = True) -> str:
+    """The policy's greedy answer to `prompt` (adapters on): only the new tokens, special tokens stripped."""
+    prompt_ids = torch.tensor([encode_prompt(tokenizer, prompt, use_chat_template)], device=_device(module))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with _eval_mode(module):
+        out = module.policy.generate(
+            input_ids=prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def _target_index(record: dict, i: int) -> int:
+    """Position of the record's target among its candidates, with a fixable error when absent."""
+    for key in ("prompt", "candidates", "target"):
+        if key not in record:
+            raise RankingInputError(f"records[{i}]: missing `{key}`; each record needs prompt, candidates and target")
+    cands = list(record["candidates"])
+    if record["target"] not in cands:
+        raise RankingInputError(
+            f"records[{i}].target: {record['target']!r} is not among its candidates; add it to `candidates`"
+        )
+    return cands.index(record["target"])
+
+
+def _per_prompt_ranking(scores: Tensor, target: int) -> dict[str, float]:
+    """One prompt's HR@k, NDCG@k and MRR from its pessimistic rank (same definitions as `ranking_metrics`)."""
+    rank = rank_of_target(scores, target)
+    out = {f"hr@{k}": float(rank <= k) for k in KS}
+    out.update({f"ndcg@{k}": (1 / math.log2(rank + 1) if rank <= k else 0.0) for k in KS if k > 1})
+    out["mrr"] = 1 / rank
+    return out
+
+
+def evaluate_ranking(
+    module,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    train_targets: Sequence[str] | None = None,
+    generate: bool = True,
+    max_new_tokens: int = 32,
+    use_chat_template: bool = True,
+) -> dict[str, Any]:
+    """Likelihood ranking (summed and mean log-prob), greedy generation and baselines on `records`.
+
+    Args:
+        module: A configured `DPOModule`.
+        tokenizer: The run's tokenizer.
+        records: Dicts with `prompt` (str), `candidates` (list[str]), `target` (str, one of the candidates)
+            and optionally `prompt_id`/`id` (else the record's position).
+        train_targets: Training-set target titles; adds the `popular_*` baseline.
+        generate: Also answer each prompt greedily and score the answers (slow on big models).
+        max_new_tokens: Generation length cap.
+        use_chat_template: Tokenize prompts with the chat template, as the run was trained.
+
+    Returns:
+        ``{"headline", "metrics", "per_prompt", "answers"}``: `metrics` maps names (module docstring) to means;
+        `per_prompt` has `prompt_ids` plus a 0/1 or [0, 1] list per ranking metric, with `hit@1` the headline;
+        `answers` is the list of generated strings (empty without `generate`).
+    """
+    if not records:
+        raise RankingInputError("records: empty; give at least one evaluation record")
+    targets = [_target_index(r, i) for i, r in enumerate(records)]
+    by_score: dict[str, list[Tensor]] = {"sum": [], "mean": []}
+    for record in records:
+        summed, counts = score_candidates(module, tokenizer, record["prompt"], list(record["candidates"]), use_chat_template=use_chat_template)
+        by_score["sum"].append(candidate_scores(summed, counts, normalise=False))
+        by_score["mean"].append(candidate_scores(summed, counts, normalise=True))
+
+    ids = [str(r.get("prompt_id", r.get("id", i))) for i, r in enumerate(records)]
+    metrics: dict[str, float] = {}
+    per_prompt: dict[str, list] = {"prompt_ids": ids}
+    for kind, scores in by_score.items():
+        metrics.update({f"{name}_{kind}": v for name, v in ranking_metrics(scores, targets, KS).items()})
+        rows = [_per_prompt_ranking(s, t) for s, t in zip(scores, targets)]
+        for name in rows[0]:
+            per_prompt[f"{name}_{kind}"] = [row[name] for row in rows]
+    metrics = {HIT_KEY: metrics[f"hr@1_{HEADLINE}"], **metrics}
+    per_prompt[HIT_KEY] = [int(v) for v in per_prompt[f"hr@1_{HEADLINE}"]]
+
+    answers: list[str] = []
+    if generate:
+        answers = [generate_answer(module, tokenizer, r["prompt"], max_new_tokens, use_chat_template) for r in records]
+        gen = generation_metrics(answers, [r["candidates"] for r in records], [r["target"] for r in records])
+        metrics.update({k: float(gen[k]) for k in ("valid_ratio", "hr@1_all", "hr@1_valid")})
+        parsed = [parse_answer(a, r["candidates"]) for a, r in zip(answers, records)]
+        per_prompt["valid_ratio"] = [int(p is not None) for p in parsed]
+        # correct/all per prompt; hr@1_valid has another denominator, so it gets no per-prompt list
+        per_prompt["hr@1_all"] = [int(p is not None and p == r["target"]) for p, r in zip(parsed, records)]
+
+    randoms = [random_baseline(len(r["candidates"]), KS) for r in records]
+    metrics.update({f"random_{k}": sum(b[k] for b in randoms) / len(randoms) for k in randoms[0]})
+    if train_targets is not None:
+        popular = popularity_scores([r["candidates"] for r in records], list(train_targets))
+        metrics.update({f"popular_{k}": v for k, v in ranking_metrics(popular, targets, KS).items()})
+    return {"headline": f"{HIT_KEY} = hr@1_{HEADLINE}", "metrics": metrics, "per_prompt": per_prompt, "answers": answers}
+
+
+# ------------------------------------------------------------------------------------------ output
+def write_results(
+    results: dict[str, Any],
+    run_dir: Path,
+    *,
+    run: str,
+    loss_type: str | None,
+    beta: float | None,
+    learning_rate: float | None,
+    epochs: int | None,
+) -> Path:
+    """Write `results.json` (the `lit_dpo.report` schema) and a small `results.md` table into `run_dir`.
+
+    Args:
+        results: The output of :func:`evaluate_ranking`.
+        run_dir: The run directory (created if missing).
+        run: Display name; loss_type, beta, learning_rate, epochs: the run's hyperparameters (None if unknown).
+
+    Returns:
+        The path of `results.json`.
+    """
+    if "metrics" not in results:
+        raise RankingInputError("results: missing `metrics`; pass the dict returned by evaluate_ranking")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "run": run,
+        "loss_type": loss_type,
+        "beta": beta,
+        "learning_rate": learning_rate,
+        "epochs": epochs,
+        **{k: v for k, v in results.items() if k not in ("run", "loss_type", "beta", "learning_rate", "epochs")},
+    }
+    path = run_dir / RESULTS_FILE
+    path.write_text(json.dumps(payload, indent=2))
+    lines = [f"# {run}", "", f"Headline: {results.get('headline', HIT_KEY)}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.4f} |" for name, value in results["metrics"].items()]
+    (run_dir / "results.md").write_text("\n".join(lines) + "\n")
+    return path
