@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_dpo.data.collate import IGNORE_INDEX
+from lit_dpo.data.collate import pad_completions
+from lit_dpo.data.tokenize import encode_completions, encode_prompts
 from lit_dpo.errors import UserInputError
 from lit_dpo.evaluation import (
     candidate_scores,
@@ -60,15 +61,12 @@ def encode_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> lis
     Returns:
         Token ids; with the chat template no extra special tokens are added (the template has them).
     """
-    if use_chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
+    return list(encode_prompts(tokenizer, [prompt], use_chat_template)[0])
 
 
 def encode_completion(tokenizer, text: str) -> list[int]:
     """Completion token ids as in training: the text without special tokens, then EOS (the end of the turn)."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    return list(encode_completions(tokenizer, [text])[0])
 
 
 @contextlib.contextmanager
@@ -112,17 +110,9 @@ def score_candidates(
     sums, counts = [], []
     with _eval_mode(module):
         for start in range(0, len(candidates), batch_size):
-            completions = [encode_completion(tokenizer, c) for c in candidates[start : start + batch_size]]
-            width = len(prompt_ids) + max(len(c) for c in completions)
-            # Right padding, as in PreferenceCollator, so positions match training.
-            input_ids = torch.full((len(completions), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            labels = torch.full_like(input_ids, IGNORE_INDEX)
-            for i, completion in enumerate(completions):
-                n = len(prompt_ids) + len(completion)
-                input_ids[i, :n] = torch.tensor(prompt_ids + completion)
-                attention_mask[i, :n] = 1
-                labels[i, len(prompt_ids) : n] = input_ids[i, len(prompt_ids) : n]
+            completions = encode_completions(tokenizer, list(candidates[start : start + batch_size]))
+            # the collator's padding, so positions match training
+            input_ids, attention_mask, labels = pad_completions([prompt_ids] * len(completions), completions, pad)
             batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
             summed, count = module.completion_logps(module.policy, batch)
             sums.append(summed.float().cpu())

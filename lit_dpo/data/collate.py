@@ -41,20 +41,36 @@ class PreferenceCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         prompts = [row["prompt_input_ids"] for row in rows]
         completions = [row["chosen_input_ids"] for row in rows] + [row["rejected_input_ids"] for row in rows]
-        prompts = prompts + prompts
-        width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-
-        input_ids = torch.full((len(completions), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(completions), width), dtype=torch.long)
-        labels = torch.full((len(completions), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            n_prompt, n_total = len(prompt), len(prompt) + len(completion)
-            input_ids[i, :n_total] = torch.tensor(prompt + completion, dtype=torch.long)
-            attention_mask[i, :n_total] = 1
-            labels[i, n_prompt:n_total] = input_ids[i, n_prompt:n_total]
+        input_ids, attention_mask, labels = pad_completions(prompts + prompts, completions, self.pad_token_id)
 
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         for key in rows[0]:
             if key not in ID_KEYS and key not in TEXT_KEYS:
                 batch[key] = [row[key] for row in rows]
         return batch
+
+
+def pad_completions(
+    prompts: list[list[int]], completions: list[list[int]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `prompt + completion` rows with labels only on the completion.
+
+    Args:
+        prompts: Prompt token ids, one list per row.
+        completions: Completion token ids, one list per row (same length as `prompts`).
+        pad_token_id: Id written into padding positions (masked out, so any valid id works).
+
+    Returns:
+        input_ids, attention_mask, labels: LongTensors [N, T]; labels hold the token id on completion
+        positions and -100 on prompt and padding, aligned with input_ids (not shifted).
+    """
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    input_ids = torch.full((len(completions), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(completions), width), dtype=torch.long)
+    labels = torch.full((len(completions), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        n_prompt, n_total = len(prompt), len(prompt) + len(completion)
+        input_ids[i, :n_total] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[i, :n_total] = 1
+        labels[i, n_prompt:n_total] = input_ids[i, n_prompt:n_total]
+    return input_ids, attention_mask, labels

@@ -38,19 +38,9 @@ def tokenize_batch(
     batch: dict[str, list], tokenizer, columns: Columns, chat: bool, max_prompt_length: int, max_length: int
 ) -> dict[str, list]:
     """`Dataset.map` function: token ids for prompt/chosen/rejected plus the helper columns used for stats."""
-    prompts = batch[columns.prompt]
-    if chat:
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            for p in prompts
-        ]
-        prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    else:
-        prompt_ids = tokenizer(prompts)["input_ids"]
-    # EOS closes the assistant turn; the model must learn to stop, so it is part of what is scored.
-    eos = [tokenizer.eos_token_id]
-    chosen = [ids + eos for ids in tokenizer(batch[columns.chosen], add_special_tokens=False)["input_ids"]]
-    rejected = [ids + eos for ids in tokenizer(batch[columns.rejected], add_special_tokens=False)["input_ids"]]
+    prompt_ids = encode_prompts(tokenizer, batch[columns.prompt], chat)
+    chosen = encode_completions(tokenizer, batch[columns.chosen])
+    rejected = encode_completions(tokenizer, batch[columns.rejected])
 
     out: dict[str, list] = {name: [] for name in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
     out.update({name: [] for name in HELPER_COLUMNS})
@@ -66,6 +56,24 @@ def tokenize_batch(
         out["_prompt_len"].append(len(fitted or []))
         out["_completion_len"].append(completion_len)
     return out
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
+    """Prompt ids: with `chat`, each prompt as one user turn plus the assistant header (the template
+    carries the special tokens); without, the plain prompt with the tokenizer's own special tokens."""
+    if not chat:
+        return tokenizer(prompts)["input_ids"]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def encode_completions(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Completion ids: the text, then EOS. EOS closes the assistant turn; the model must learn to stop,
+    so it is part of what is scored."""
+    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def tokenizer_digest(tokenizer) -> str:
