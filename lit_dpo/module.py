@@ -157,22 +157,42 @@ class DPOModule(L.LightningModule):
         summed = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device)
         return summed.index_add(0, rows, token_logps), predicts.sum(dim=1)
 
-    def preference_logps(self, batch: dict[str, torch.Tensor]) -> losses.PreferenceLogps:
+    def answer_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probs and token counts of every answer, both [B, A]: column 0 the chosen answer,
+        columns 1..A-1 the rejected ones (A = 1 + K negatives).
+
+        The plain layout stacks answers as row blocks (B chosen rows, then B rows per rejected answer).
+        """
+        summed, tokens = self.completion_logps(model, batch)
+        pairs = batch["prompt_count"] if "prompt_count" in batch else summed.shape[0] // 2
+        return summed.view(-1, pairs).T, tokens.view(-1, pairs).T
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Reference log-probs [B, A]: precomputed ones when the batch carries them, else a no-grad
+        forward of the reference (adapters off under LoRA, the frozen copy under full fine-tuning)."""
+        if "reference_logps" in batch:
+            return batch["reference_logps"]
         with torch.no_grad():
             if self.reference is not None:
-                ref_logps, _ = self.completion_logps(self.reference, batch)
-            else:
-                with reference_mode(self.policy):
-                    ref_logps, _ = self.completion_logps(self.policy, batch)
-        policy_logps, tokens = self.completion_logps(self.policy, batch)
-        pairs = policy_logps.shape[0] // 2  # rows: B chosen, then B rejected
+                return self.answer_logps(self.reference, batch)[0]
+            with reference_mode(self.policy):
+                return self.answer_logps(self.policy, batch)[0]
+
+    def preference_logps(self, batch: dict[str, torch.Tensor]) -> losses.PreferenceLogps:
+        ref_logps = self.reference_logps(batch)
+        policy_logps, tokens = self.answer_logps(self.policy, batch)
+        one = policy_logps.shape[1] == 2  # one negative: rejected values are [B], as every loss expects
+
+        def rejected(values: torch.Tensor) -> torch.Tensor:
+            return values[:, 1] if one else values[:, 1:]
+
         return losses.PreferenceLogps(
-            policy_chosen=policy_logps[:pairs],
-            policy_rejected=policy_logps[pairs:],
-            reference_chosen=ref_logps[:pairs],
-            reference_rejected=ref_logps[pairs:],
-            chosen_tokens=tokens[:pairs],
-            rejected_tokens=tokens[pairs:],
+            policy_chosen=policy_logps[:, 0],
+            policy_rejected=rejected(policy_logps),
+            reference_chosen=ref_logps[:, 0],
+            reference_rejected=rejected(ref_logps),
+            chosen_tokens=tokens[:, 0],
+            rejected_tokens=rejected(tokens),
         )
 
     def pair_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
