@@ -17,11 +17,13 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
 from typing_extensions import override
 
 from lit_dpo import losses
+from lit_dpo.data.shared_prompt import SHARED_KEY, attention_mask_4d, predictor_positions, to_plain_layout
 from lit_dpo.errors import ConfigError
 from lit_dpo.models import Quantization, check_model_path, load_policy, reference_mode
 
@@ -115,6 +117,7 @@ class DPOModule(L.LightningModule):
         self.tokens_seen = SumMetric()
         self._window_start = time.perf_counter()
         self._rng_to_restore: dict | None = None
+        self._warned_plain_fallback = False
 
     @override
     def configure_model(self) -> None:
@@ -161,11 +164,51 @@ class DPOModule(L.LightningModule):
         """Summed log-probs and token counts of every answer, both [B, A]: column 0 the chosen answer,
         columns 1..A-1 the rejected ones (A = 1 + K negatives).
 
-        The plain layout stacks answers as row blocks (B chosen rows, then B rows per rejected answer).
+        The plain layout stacks answers as row blocks (B chosen rows, then B rows per rejected answer); the
+        shared-prompt layout (`lit_dpo.data.shared_prompt`) packs one row per prompt. Both give the same
+        numbers; a backend that cannot take the shared layout's custom mask gets the plain one.
         """
+        if SHARED_KEY in batch:
+            if _custom_mask_attention(model) is not False:
+                return self.shared_answer_logps(model, batch)
+            if not self._warned_plain_fallback:
+                rank_zero_warn(
+                    f"attn_implementation '{_attention_backend(model)}' cannot take the shared-prompt layout's "
+                    "custom 4D mask; scoring with the plain layout instead (set data.prefix_sharing: false, or "
+                    "model.attn_implementation: sdpa, to silence this)"
+                )
+                self._warned_plain_fallback = True
+            batch = to_plain_layout(batch)
         summed, tokens = self.completion_logps(model, batch)
         pairs = batch["prompt_count"] if "prompt_count" in batch else summed.shape[0] // 2
         return summed.view(-1, pairs).T, tokens.view(-1, pairs).T
+
+    def shared_answer_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`answer_logps` for a shared-prompt batch: one forward per prompt with a 4D mask (see
+        `lit_dpo.data.shared_prompt`); the LM head again runs only where an answer token is predicted."""
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        answer_index, labels = batch["answer_index"], batch["labels"]
+        dtype = None if _custom_mask_attention(model) == "bool" else causal_lm.get_input_embeddings().weight.dtype
+        if dtype is not None and not dtype.is_floating_point:  # quantized embeddings: the compute dtype adds
+            dtype = _DTYPES[self.hparams.dtype]
+        mask = attention_mask_4d(answer_index, batch["attention_mask"], dtype)
+        hidden = causal_lm.base_model(
+            input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
+        ).last_hidden_state
+        scored, source = predictor_positions(labels, answer_index, batch["position_ids"])
+        logits = causal_lm.get_output_embeddings()(hidden.flatten(0, 1)[source]).float()
+        softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        token_logps = -F.cross_entropy(logits, labels[scored], reduction="none")
+        rows, cols = scored.nonzero(as_tuple=True)
+        answers = int(answer_index.max()) + 1
+        slots = rows * answers + answer_index[rows, cols]  # (prompt, answer) of each scored token
+        summed = torch.zeros(labels.shape[0] * answers, dtype=token_logps.dtype, device=token_logps.device)
+        counts = torch.zeros(labels.shape[0] * answers, dtype=torch.long, device=labels.device)
+        summed = summed.index_add(0, slots, token_logps)
+        counts = counts.index_add(0, slots, torch.ones_like(slots))
+        return summed.view(-1, answers), counts.view(-1, answers)
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Reference log-probs [B, A]: precomputed ones when the batch carries them, else a no-grad
@@ -198,8 +241,18 @@ class DPOModule(L.LightningModule):
     def pair_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses [B] and per-pair metrics (rewards, accuracies, log-probs)."""
         logps = self.preference_logps(batch)
+        if logps.policy_rejected.dim() == 2:
+            _check_negatives(self.hparams.loss_type, logps.policy_rejected.shape[1], "this batch")
         per_pair = losses.preference_loss(self.hparams.loss_type, logps, self.loss_config)
         return per_pair, losses.reward_metrics(logps, self.hparams.beta)
+
+    @override
+    def setup(self, stage: str) -> None:
+        # The data module has read its files by now (the CLI sets it up first): fail before any step
+        # when the data has K > 1 rejected answers that the chosen loss cannot use.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        for where, count in getattr(datamodule, "negatives", {}).items():
+            _check_negatives(self.hparams.loss_type, count, where)
 
     # ---------------------------------------------------------------------------------- training
     @override
@@ -324,6 +377,26 @@ def _validate(loss_type: str, beta: float, label_smoothing: float, learning_rate
         raise ConfigError(f"model.warmup_steps must be >= 0 (got {warmup_steps})")
     if lora_r < 1:
         raise ConfigError(f"model.lora_r must be >= 1 (got {lora_r})")
+
+
+def _check_negatives(loss_type: str, count: int, where: str) -> None:
+    """Only S-DPO compares a chosen answer with several rejected ones; every other loss takes exactly one."""
+    if count > 1 and loss_type != "sdpo":
+        raise ConfigError(
+            f"model.loss_type: '{loss_type}' takes one rejected answer per prompt but {where} has {count}; "
+            "use model.loss_type: sdpo, or prepare the data with --num-negatives 1"
+        )
+
+
+def _attention_backend(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def _custom_mask_attention(model: torch.nn.Module) -> Literal["bool", "additive"] | bool:
+    """How this model's attention takes a custom 4D mask: SDPA selects with a boolean mask, eager attention
+    adds the mask to the scores (so it needs 0 / -inf-like floats); False for backends that take none."""
+    return {"sdpa": "bool", "eager": "additive"}.get(_attention_backend(model), False)
 
 
 def _update(collection: torch.nn.ModuleDict, values: dict[str, torch.Tensor]) -> None:
