@@ -61,7 +61,8 @@ def export_checkpoint(
     module = _module_from_hparams(checkpoint["hyper_parameters"], ckpt_path)
     module.configure_model()
     _load_trained_weights(module, checkpoint["state_dict"], ckpt_path)
-    model = module.policy.merge_and_unload() if is_lora(module.policy) else module.policy
+    # only the trained adapter; a frozen `reference` adapter (init_adapter runs) is dropped, not merged
+    model = module.policy.merge_and_unload(adapter_names=["default"]) if is_lora(module.policy) else module.policy
     model.eval()
     model.config.use_cache = True  # training turned the KV cache off; generation wants it back
     if dtype is not None:

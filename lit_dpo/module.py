@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric, SumMetric
 from typing_extensions import override
 
 from lit_dpo import losses
+from lit_dpo.adapters import read_adapter
 from lit_dpo.errors import ConfigError
 from lit_dpo.models import Quantization, check_model_path, load_policy, reference_mode
 
@@ -75,6 +76,7 @@ class DPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
+        init_adapter: str | None = None,
     ) -> None:
         """Preference fine-tuning of a causal LM against a frozen reference.
 
@@ -98,10 +100,14 @@ class DPOModule(L.LightningModule):
             gradient_checkpointing: Recompute activations in backward to save memory (slower).
             attn_implementation: transformers attention backend (`sdpa`, `eager`, …).
             trust_remote_code: Allow model code from the checkpoint's repository to run.
+            init_adapter: Start from an SFT adapter and use it as the reference (S-DPO's recipe): the
+                last.ckpt of a LoRA SFT run or a PEFT adapter directory; None starts from the base model.
         """
         super().__init__()
         _validate(loss_type, beta, label_smoothing, learning_rate, warmup_steps, lora_r)
         check_model_path(model_name_or_path)  # fail before any run directory exists
+        if init_adapter is not None:
+            read_adapter(init_adapter)  # same: a wrong path fails now, not after the model loads
         self.save_hyperparameters()
         self.loss_config = losses.LossConfig(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
         self.policy: torch.nn.Module | None = None
@@ -135,6 +141,7 @@ class DPOModule(L.LightningModule):
             trust_remote_code=hp.trust_remote_code,
             attn_implementation=hp.attn_implementation,
             device=device,
+            init_adapter=hp.init_adapter,
         )
 
     # ----------------------------------------------------------------------------------- forward
