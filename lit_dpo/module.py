@@ -1,8 +1,8 @@
 """DPOModule: the policy, its reference and a preference loss as one LightningModule.
 
-Each step runs chosen and rejected answers through one concatenated forward (see
-`lit_dpo.data.collate`), once for the reference (adapters off, no grad) and once for the policy,
-then applies the loss chosen by `loss_type` from `lit_dpo.losses`. Metrics are torchmetrics
+Each step runs the chosen and the K rejected answers through one forward (`lit_dpo.data.collate`, or
+one row per prompt with `lit_dpo.data.shared_prompt`), once for the reference (adapters off, no grad)
+and once for the policy, then applies the loss chosen by `loss_type` from `lit_dpo.losses`. Metrics are torchmetrics
 means weighted by pairs, so a logged step value covers the whole gradient-accumulation window and
 every process, as if the effective batch had been one forward.
 """
@@ -17,15 +17,17 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 from typing_extensions import override
 
 from lit_dpo import losses
-from lit_dpo.data.shared_prompt import SHARED_KEY, attention_mask_4d, predictor_positions, to_plain_layout
+from lit_dpo.adapters import read_adapter
+from lit_dpo.data.shared_prompt import SHARED_KEY, to_plain_layout
 from lit_dpo.errors import ConfigError
 from lit_dpo.models import Quantization, check_model_path, load_policy, reference_mode
+from lit_dpo.shared_forward import attention_backend, custom_mask_kind, shared_answer_logps
 
 # Names as in TRL (see shared/reference/losses.md), so curves compare directly.
 METRIC_NAMES = (
@@ -77,6 +79,7 @@ class DPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
+        init_adapter: str | None = None,
     ) -> None:
         """Preference fine-tuning of a causal LM against a frozen reference.
 
@@ -100,10 +103,14 @@ class DPOModule(L.LightningModule):
             gradient_checkpointing: Recompute activations in backward to save memory (slower).
             attn_implementation: transformers attention backend (`sdpa`, `eager`, …).
             trust_remote_code: Allow model code from the checkpoint's repository to run.
+            init_adapter: Start from an SFT adapter and use it as the reference (S-DPO's recipe): the
+                last.ckpt of a LoRA SFT run or a PEFT adapter directory; None starts from the base model.
         """
         super().__init__()
         _validate(loss_type, beta, label_smoothing, learning_rate, warmup_steps, lora_r)
         check_model_path(model_name_or_path)  # fail before any run directory exists
+        if init_adapter is not None:
+            read_adapter(init_adapter)  # same: a wrong path fails now, not after the model loads
         self.save_hyperparameters()
         self.loss_config = losses.LossConfig(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
         self.policy: torch.nn.Module | None = None
@@ -118,6 +125,7 @@ class DPOModule(L.LightningModule):
         self._window_start = time.perf_counter()
         self._rng_to_restore: dict | None = None
         self._warned_plain_fallback = False
+        self.checkpoint_epochs: int | None = None  # set when weights come from a checkpoint
 
     @override
     def configure_model(self) -> None:
@@ -138,6 +146,7 @@ class DPOModule(L.LightningModule):
             trust_remote_code=hp.trust_remote_code,
             attn_implementation=hp.attn_implementation,
             device=device,
+            init_adapter=hp.init_adapter,
         )
 
     # ----------------------------------------------------------------------------------- forward
@@ -169,11 +178,11 @@ class DPOModule(L.LightningModule):
         numbers; a backend that cannot take the shared layout's custom mask gets the plain one.
         """
         if SHARED_KEY in batch:
-            if _custom_mask_attention(model) is not False:
-                return self.shared_answer_logps(model, batch)
+            if custom_mask_kind(model) is not None:
+                return shared_answer_logps(model, batch)
             if not self._warned_plain_fallback:
                 rank_zero_warn(
-                    f"attn_implementation '{_attention_backend(model)}' cannot take the shared-prompt layout's "
+                    f"attn_implementation '{attention_backend(model)}' cannot take the shared-prompt layout's "
                     "custom 4D mask; scoring with the plain layout instead (set data.prefix_sharing: false, or "
                     "model.attn_implementation: sdpa, to silence this)"
                 )
@@ -182,33 +191,6 @@ class DPOModule(L.LightningModule):
         summed, tokens = self.completion_logps(model, batch)
         pairs = batch["prompt_count"] if "prompt_count" in batch else summed.shape[0] // 2
         return summed.view(-1, pairs).T, tokens.view(-1, pairs).T
-
-    def shared_answer_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`answer_logps` for a shared-prompt batch: one forward per prompt with a 4D mask (see
-        `lit_dpo.data.shared_prompt`); the LM head again runs only where an answer token is predicted."""
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        answer_index, labels = batch["answer_index"], batch["labels"]
-        dtype = None if _custom_mask_attention(model) == "bool" else causal_lm.get_input_embeddings().weight.dtype
-        if dtype is not None and not dtype.is_floating_point:  # quantized embeddings: the compute dtype adds
-            dtype = _DTYPES[self.hparams.dtype]
-        mask = attention_mask_4d(answer_index, batch["attention_mask"], dtype)
-        hidden = causal_lm.base_model(
-            input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
-        ).last_hidden_state
-        scored, source = predictor_positions(labels, answer_index, batch["position_ids"])
-        logits = causal_lm.get_output_embeddings()(hidden.flatten(0, 1)[source]).float()
-        softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        token_logps = -F.cross_entropy(logits, labels[scored], reduction="none")
-        rows, cols = scored.nonzero(as_tuple=True)
-        answers = int(answer_index.max()) + 1
-        slots = rows * answers + answer_index[rows, cols]  # (prompt, answer) of each scored token
-        summed = torch.zeros(labels.shape[0] * answers, dtype=token_logps.dtype, device=token_logps.device)
-        counts = torch.zeros(labels.shape[0] * answers, dtype=torch.long, device=labels.device)
-        summed = summed.index_add(0, slots, token_logps)
-        counts = counts.index_add(0, slots, torch.ones_like(slots))
-        return summed.view(-1, answers), counts.view(-1, answers)
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Reference log-probs [B, A]: precomputed ones when the batch carries them, else a no-grad
@@ -344,6 +326,9 @@ class DPOModule(L.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_state")
+        # epochs the loaded weights were trained for (test reports it; the config may say more or fewer)
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+        self.checkpoint_epochs = progress.get("current", {}).get("completed")
         if "epoch_metrics" in checkpoint:
             self.epoch_metrics.load_state_dict(checkpoint["epoch_metrics"])
         # Resuming with a changed model.learning_rate (the guide's "decrease LR by 2x") must take effect;
@@ -386,17 +371,6 @@ def _check_negatives(loss_type: str, count: int, where: str) -> None:
             f"model.loss_type: '{loss_type}' takes one rejected answer per prompt but {where} has {count}; "
             "use model.loss_type: sdpo, or prepare the data with --num-negatives 1"
         )
-
-
-def _attention_backend(model: torch.nn.Module) -> str:
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) or "eager"
-
-
-def _custom_mask_attention(model: torch.nn.Module) -> Literal["bool", "additive"] | bool:
-    """How this model's attention takes a custom 4D mask: SDPA selects with a boolean mask, eager attention
-    adds the mask to the scores (so it needs 0 / -inf-like floats); False for backends that take none."""
-    return {"sdpa": "bool", "eager": "additive"}.get(_attention_backend(model), False)
 
 
 def _update(collection: torch.nn.ModuleDict, values: dict[str, torch.Tensor]) -> None:

@@ -175,7 +175,7 @@ def test_backend_without_custom_masks_falls_back_to_plain(tiny_model_dir, tiny_t
     plain, shared = _both_layouts(tiny_tokenizer, 3, 1)
     with torch.no_grad():
         expected = module.answer_logps(module.policy, plain)[0]
-        monkeypatch.setattr(module_file, "_custom_mask_attention", lambda model: False)
+        monkeypatch.setattr(module_file, "custom_mask_kind", lambda model: None)
         with pytest.warns(UserWarning, match="plain layout"):
             got = module.answer_logps(module.policy, shared)[0]
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
