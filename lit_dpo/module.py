@@ -151,7 +151,7 @@ class DPOModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- forward
     def completion_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed completion log-probs and token counts, both [2B], for a concatenated batch.
+        """Summed completion log-probs and token counts, both [rows], for a plain (concatenated) batch.
 
         The LM head runs only where a completion token is predicted: the prompt's logits would be
         thrown away, and the vocabulary projection is the largest matmul per token.

@@ -60,7 +60,8 @@ class PreferenceDataModule(L.LightningDataModule):
             assistant header; falls back to the plain prompt when the tokenizer has no template.
         max_prompt_length: Prompt tokens kept (from the end) before fitting the pair into max_length.
         max_length: Longest prompt + completion in tokens; prompts are cut further to fit, completions never.
-        batch_size: Preference pairs per training batch (the forward pass sees 2 * batch_size sequences).
+        batch_size: Preference pairs per training batch (the forward pass sees batch_size rows with prefix_sharing,
+            else (1 + K) * batch_size rows for K rejected answers per pair).
         eval_batch_size: Pairs per validation/test/predict batch; None uses batch_size.
         num_workers: DataLoader worker processes; 0 loads in the main process.
         skip_invalid_rows: Skip rows whose prompt/chosen/rejected is missing, not a string or blank (counted
