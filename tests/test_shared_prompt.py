@@ -164,7 +164,7 @@ def test_nf4_shared_layout_equals_plain_forward(tiny_model_dir, tiny_tokenizer):
     plain, shared = _both_layouts(tiny_tokenizer, 3, 3)
     with torch.no_grad():
         torch.testing.assert_close(
-            module.answer_logps(module.policy, shared)[0], module.answer_logps(module.policy, plain)[0], atol=1e-4, rtol=0
+            module.answer_logps(module.policy, shared)[0], module.answer_logps(module.policy, plain)[0], **EXACT
         )
 
 
