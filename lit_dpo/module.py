@@ -2,9 +2,9 @@
 
 Each step runs the chosen and the K rejected answers through one forward (`lit_dpo.data.collate`, or
 one row per prompt with `lit_dpo.data.shared_prompt`), once for the reference (adapters off, no grad)
-and once for the policy, then applies the loss chosen by `loss_type` from `lit_dpo.losses`. Metrics are torchmetrics
-means weighted by pairs, so a logged step value covers the whole gradient-accumulation window and
-every process, as if the effective batch had been one forward.
+and once for the policy, then applies the loss chosen by `loss_type` from `lit_dpo.losses`. Metrics are
+torchmetrics means weighted by pairs, so a logged step value covers the whole gradient-accumulation
+window and every process, as if the effective batch had been one forward.
 """
 
 from __future__ import annotations

@@ -162,7 +162,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.test_dataset: datasets.Dataset | None = None
         self.stats: dict[str, dict[str, float | int]] = {}
         """Per split ("train", "val", "test"): pairs, dropped_too_long, skipped_invalid, identical_pairs,
-        truncated_prompts, prompt_tokens_mean/max, completion_tokens_mean/max (longest of chosen and the rejected answers)."""
+        truncated_prompts, prompt_tokens_mean/max, completion_tokens_mean/max (the longest of chosen and the
+        rejected answers)."""
         self.negatives: dict[str, int] = {}
         """K, rejected answers per prompt, for each loaded file with K > 1 (e.g. {"data.train_path x.jsonl": 3})."""
         self._is_setup = False
