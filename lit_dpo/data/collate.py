@@ -15,6 +15,7 @@ IGNORE_INDEX = -100  # the label value Hugging Face losses (and ours) skip
 ID_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 # Raw text columns are never passed on: the ids carry the same content and strings bloat every batch.
 TEXT_KEYS = ("prompt", "chosen", "rejected")
+REFERENCE_KEY = "reference_logps"  # optional per-pair column of reference log-probs, one per answer
 
 
 class PreferenceCollator:
@@ -30,6 +31,8 @@ class PreferenceCollator:
         labels: LongTensor [2B, T]; the token id on completion positions and -100 on prompt and padding,
             aligned with input_ids (not shifted: shift by one before comparing with logits).
         every extra field: a list of B values in pair order, under its own key.
+        reference_logps (only when the rows carry it): FloatTensor [B, A], the reference log-probs of
+            each answer (chosen first), precomputed by `lit_dpo.reference_cache`.
 
     Args:
         pad_token_id: Token id written into padding positions (masked out, so any valid id works).
@@ -47,6 +50,8 @@ class PreferenceCollator:
         for key in rows[0]:
             if key not in ID_KEYS and key not in TEXT_KEYS:
                 batch[key] = [row[key] for row in rows]
+        if REFERENCE_KEY in batch:  # precomputed by lit_dpo.reference_cache: [B, A] like answer_logps
+            batch[REFERENCE_KEY] = torch.tensor(batch[REFERENCE_KEY], dtype=torch.float32)
         return batch
 
 
