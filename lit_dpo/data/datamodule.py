@@ -66,6 +66,10 @@ class PreferenceDataModule(L.LightningDataModule):
         synthetic_history_len: Movies in each synthetic user's viewing history.
         synthetic_num_candidates: Titles in each synthetic candidate list (the target included).
         seed: Seed of the train/validation split and of the training-order shuffle.
+        group_by_length: Put pairs of similar length (prompt + longest answer) into the same training
+            batch, to cut padding: shuffled mega-batches of up to 50 batches are sorted by length, then
+            the batches are shuffled (see `sampler.length_grouped_batches`). Only matters for
+            batch_size > 1; the order stays seeded and resumable.
         trust_remote_code: Allow custom tokenizer code from the tokenizer's repository.
     """
 
@@ -91,6 +95,7 @@ class PreferenceDataModule(L.LightningDataModule):
         synthetic_num_candidates: int = 10,
         seed: int = 42,
         trust_remote_code: bool = False,
+        group_by_length: bool = True,
     ) -> None:
         super().__init__()
         self._train_sampler: ResumableBatchSampler | None = None
@@ -146,6 +151,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.synthetic_num_candidates = synthetic_num_candidates
         self.seed = seed
         self.trust_remote_code = trust_remote_code
+        self.group_by_length = group_by_length
 
         self.tokenizer = None
         self.train_dataset: datasets.Dataset | None = None
@@ -154,6 +160,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.stats: dict[str, dict[str, float | int]] = {}
         """Per split ("train", "val", "test"): pairs, dropped_too_long, skipped_invalid, identical_pairs,
         truncated_prompts, prompt_tokens_mean/max, completion_tokens_mean/max (longer of chosen/rejected)."""
+        self.pair_lengths: dict[str, np.ndarray] = {}
+        """Per split: tokens of each kept pair, prompt + longest answer (for length-grouped batches)."""
         self._is_setup = False
 
     @override
@@ -226,7 +234,12 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _train_loader(self, dataset: datasets.Dataset) -> DataLoader:
         # Order depends on (seed, epoch) only, never on global RNG, and resumes mid-epoch (sampler.py).
-        self._train_sampler = ResumableBatchSampler(len(dataset), self.batch_size, seed=self.seed)
+        lengths = self.pair_lengths.get("train") if self.group_by_length else None
+        if lengths is not None and len(lengths) != len(dataset):  # a dataset swapped in after setup
+            lengths = None
+        self._train_sampler = ResumableBatchSampler(
+            len(dataset), self.batch_size, seed=self.seed, lengths=None if lengths is None else lengths.tolist()
+        )
         if self._sampler_state_to_load is not None:  # resuming: continue where the checkpoint stopped
             self._train_sampler.load_state_dict(self._sampler_state_to_load)
             self._sampler_state_to_load = None
@@ -337,6 +350,7 @@ class PreferenceDataModule(L.LightningDataModule):
             "completion_tokens_max": int(kept["_completion_len"].max()),
         }
         self.stats[split] = stats
+        self.pair_lengths[split] = kept["_prompt_len"] + kept["_completion_len"]
         rank_zero_info(
             f"{split}: {stats['pairs']} pairs ({stats['dropped_too_long']} dropped as too long, "
             f"{stats['skipped_invalid']} invalid rows skipped); prompt tokens mean {stats['prompt_tokens_mean']:.1f} "
