@@ -37,6 +37,7 @@ from typing import Any
 import datasets
 import torch
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader
 
 from lit_dpo.data.collate import REFERENCE_KEY
@@ -88,7 +89,10 @@ def attach(module: Any, dataset: datasets.Dataset, split: str, collator, batch_s
     started = time.perf_counter()
     logps = load(path, key, len(plain))
     if not trainer.strategy.reduce_boolean_decision(logps is not None, all=True):
-        logps = compute_reference_logps(module, plain, collator, batch_size)
+        # a cache hit draws no random numbers, so a miss must not either (the DataLoader draws a seed):
+        # otherwise dropout masks after a computing run differ from those after a loading one
+        with isolate_rng():
+            logps = compute_reference_logps(module, plain, collator, batch_size)
         if trainer.is_global_zero:
             save(path, key, logps)
         rank_zero_info(

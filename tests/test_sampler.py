@@ -31,7 +31,7 @@ def test_grouped_order_is_deterministic_and_covers_every_index_once():
         batches = epoch(a, number)
         assert batches == epoch(b, number)  # a pure function of (seed, epoch, lengths)
         assert sorted(i for batch in batches for i in batch) == list(range(403))
-        assert sorted(len(batch) for batch in batches)[1:] == [8] * (len(batches) - 1)  # one short batch at most
+        assert [len(batch) for batch in batches] == [8] * 50 + [3]  # the short batch last, as in a plain shuffle
         assert max(lengths[i] for i in batches[0]) == max(lengths)  # the largest batch first: OOM shows early
     assert epoch(a, 0) != epoch(a, 1)  # reshuffled every epoch
     assert epoch(ResumableBatchSampler(403, 8, seed=4, lengths=lengths), 0) != epoch(a, 0)
@@ -98,3 +98,11 @@ def test_data_module_groups_training_batches_by_length(tmp_path, tiny_model_dir,
         return sum(int((batch["attention_mask"] == 0).sum()) for batch in dm.train_dataloader())
 
     assert padded_tokens(group_by_length=True) < 0.5 * padded_tokens(group_by_length=False)
+
+
+def test_longest_sample_in_the_short_batch_moves_to_the_first():
+    lengths = [5] * 9 + [99]  # 10 samples, batch 4: a short batch of 2 exists
+    for seed in range(20):
+        batches = epoch(ResumableBatchSampler(10, 4, seed=seed, lengths=lengths), 0)
+        assert 9 in batches[0] and [len(b) for b in batches] == [4, 4, 2]
+        assert sorted(i for b in batches for i in b) == list(range(10))

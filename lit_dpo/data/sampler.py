@@ -101,11 +101,11 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: t
 
     Args:
         lengths: Tokens per sample.
-        batch_size: Samples per batch (the last batch may be smaller).
+        batch_size: Samples per batch; a short batch, if any, comes last (as in a plain shuffle).
         generator: Seeded generator; the result depends on its state and `lengths` only.
 
     Returns:
-        Batches of indices, the batch holding the longest sample first.
+        Batches of indices, the longest sample in the first batch.
     """
     n = len(lengths)
     order = torch.randperm(n, generator=generator).tolist()
@@ -116,7 +116,13 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: t
         # stable sort: equal lengths keep their shuffled order
         chunk = sorted(order[start : start + megabatch], key=lambda i: lengths[i], reverse=True)
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-    batches[0], batches[longest] = batches[longest], batches[0]
+    short = [batches.pop()] if len(batches[-1]) < batch_size else []  # only the last mega-batch can be short
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + short
+    # the longest sample first, as transformers does, so a batch too big for memory fails at step 1
+    longest = max(range(n), key=lambda i: lengths[i])
+    where = next(b for b, batch in enumerate(batches) if longest in batch)
+    if len(batches[where]) == batch_size:
+        batches[0], batches[where] = batches[where], batches[0]
+    elif where != 0:  # it sits in the short last batch: swap the sample, keep batch sizes
+        batches[where][batches[where].index(longest)], batches[0][0] = batches[0][0], longest
     return batches
