@@ -172,3 +172,16 @@ def test_cache_file_for_another_key_or_size_is_a_miss(tmp_path):
     assert reference_cache.load(path, {"a": 1}, 4) is None
     path.write_bytes(b"damaged")
     assert reference_cache.load(path, {"a": 1}, 3) is None
+
+
+def test_half_true_precision_keeps_the_live_reference():
+    """bf16-true would cast the cached float32 values in every batch to bf16: warn and leave the data alone."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    datamodule = SimpleNamespace(collator=None, train_dataset="untouched", eval_batch_size=1)
+    trainer = SimpleNamespace(datamodule=datamodule, precision="bf16-true", precision_plugin=HalfPrecision("bf16-true"))
+    with pytest.warns(UserWarning, match="trainer.precision=bf16-true converts"):
+        reference_cache.attach_to_datamodule(SimpleNamespace(trainer=trainer), ("train",))
+    assert datamodule.train_dataset == "untouched"
