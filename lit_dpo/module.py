@@ -126,6 +126,7 @@ class DPOModule(L.LightningModule):
         self.tokens_seen = SumMetric()
         self._window_start = time.perf_counter()
         self._rng_to_restore: dict | None = None
+        self.checkpoint_epochs: int | None = None  # set when weights come from a checkpoint
 
     @override
     def configure_model(self) -> None:
@@ -319,6 +320,9 @@ class DPOModule(L.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_state")
+        # epochs the loaded weights were trained for (test reports it; the config may say more or fewer)
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+        self.checkpoint_epochs = progress.get("current", {}).get("completed")
         if "epoch_metrics" in checkpoint:
             self.epoch_metrics.load_state_dict(checkpoint["epoch_metrics"])
         # Resuming with a changed model.learning_rate (the guide's "decrease LR by 2x") must take effect;
