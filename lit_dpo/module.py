@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 from typing_extensions import override
 
-from lit_dpo import losses
+from lit_dpo import losses, reference_cache
 from lit_dpo.adapters import read_adapter
 from lit_dpo.data.shared_prompt import SHARED_KEY, to_plain_layout
 from lit_dpo.errors import ConfigError
@@ -80,6 +80,7 @@ class DPOModule(L.LightningModule):
         attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
         init_adapter: str | None = None,
+        precompute_reference: bool = True,
     ) -> None:
         """Preference fine-tuning of a causal LM against a frozen reference.
 
@@ -105,6 +106,10 @@ class DPOModule(L.LightningModule):
             trust_remote_code: Allow model code from the checkpoint's repository to run.
             init_adapter: Start from an SFT adapter and use it as the reference (S-DPO's recipe): the
                 last.ckpt of a LoRA SFT run or a PEFT adapter directory; None starts from the base model.
+            precompute_reference: Compute the reference log-probs of every pair once before the run (fit:
+                train and val) and cache them next to the tokenized data, reused by every epoch, resume,
+                later run and validate/test on the same data and model, instead of a reference forward per
+                step. Exact (the reference never changes); see `lit_dpo.reference_cache`.
         """
         super().__init__()
         _validate(loss_type, beta, label_smoothing, learning_rate, warmup_steps, lora_r)
@@ -148,6 +153,28 @@ class DPOModule(L.LightningModule):
             device=device,
             init_adapter=hp.init_adapter,
         )
+
+    # ------------------------------------------------------------------- precomputed reference
+    @override
+    def setup(self, stage: str) -> None:
+        # The data module has read its files by now (the CLI sets it up first): fail before any step
+        # when the data has K > 1 rejected answers that the chosen loss cannot use.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        for where, count in getattr(datamodule, "negatives", {}).items():
+            _check_negatives(self.hparams.loss_type, count, where)
+        # Reference log-probs here, not in on_fit_start: the trainer may build the train loader before that
+        # (configure_optimizers asks for estimated_stepping_batches), and validate/test build theirs before
+        # any later hook.
+        if not self.hparams.precompute_reference:
+            return
+        strategy = self.trainer.strategy
+        # the model is built early, the way Lightning's own configure_model call builds it (then a no-op)
+        precision = self.trainer.precision_plugin
+        with strategy.tensor_init_context(), strategy.model_sharded_context(), precision.module_init_context():
+            self.configure_model()
+        self.to(strategy.root_device)  # where strategy.setup would move it next
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[stage]
+        reference_cache.attach_to_datamodule(self, splits)
 
     # ----------------------------------------------------------------------------------- forward
     def completion_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,14 +254,6 @@ class DPOModule(L.LightningModule):
             _check_negatives(self.hparams.loss_type, logps.policy_rejected.shape[1], "this batch")
         per_pair = losses.preference_loss(self.hparams.loss_type, logps, self.loss_config)
         return per_pair, losses.reward_metrics(logps, self.hparams.beta)
-
-    @override
-    def setup(self, stage: str) -> None:
-        # The data module has read its files by now (the CLI sets it up first): fail before any step
-        # when the data has K > 1 rejected answers that the chosen loss cannot use.
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        for where, count in getattr(datamodule, "negatives", {}).items():
-            _check_negatives(self.hparams.loss_type, count, where)
 
     # ---------------------------------------------------------------------------------- training
     @override

@@ -15,6 +15,7 @@ IGNORE_INDEX = -100  # the label value Hugging Face losses (and ours) skip
 ID_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 # Raw text columns are never passed on: the ids carry the same content and strings bloat every batch.
 TEXT_KEYS = ("prompt", "chosen", "rejected")
+REFERENCE_KEY = "reference_logps"  # optional per-pair column of reference log-probs, one per answer
 
 
 class PreferenceCollator:
@@ -32,6 +33,8 @@ class PreferenceCollator:
             aligned with input_ids (not shifted: shift by one before comparing with logits).
         prompt_count: int, B.
         every extra field: a list of B values in pair order, under its own key.
+        reference_logps (only when the rows carry it): FloatTensor [B, A], the reference log-probs of
+            each answer (chosen first), precomputed by `lit_dpo.reference_cache`.
 
     Args:
         pad_token_id: Token id written into padding positions (masked out, so any valid id works).
@@ -60,9 +63,13 @@ def answers_of(row: dict[str, Any]) -> list[list[int]]:
     return [row["chosen_input_ids"], *negatives]
 
 
-def extra_fields(rows: list[dict[str, Any]]) -> dict[str, list]:
-    """Per-pair fields other than token ids and raw texts, each as a list of B values in pair order."""
-    return {key: [row[key] for row in rows] for key in rows[0] if key not in ID_KEYS and key not in TEXT_KEYS}
+def extra_fields(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-pair fields other than token ids and raw texts, each as a list of B values in pair order;
+    precomputed reference log-probs (`lit_dpo.reference_cache`) as a float tensor [B, A] like `answer_logps`."""
+    fields: dict[str, Any] = {key: [row[key] for row in rows] for key in rows[0] if key not in ID_KEYS and key not in TEXT_KEYS}
+    if REFERENCE_KEY in fields:
+        fields[REFERENCE_KEY] = torch.tensor(fields[REFERENCE_KEY], dtype=torch.float32)
+    return fields
 
 
 def pad_completions(

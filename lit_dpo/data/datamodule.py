@@ -70,6 +70,10 @@ class PreferenceDataModule(L.LightningDataModule):
         synthetic_history_len: Movies in each synthetic user's viewing history.
         synthetic_num_candidates: Titles in each synthetic candidate list (the target included).
         seed: Seed of the train/validation split and of the training-order shuffle.
+        group_by_length: Put pairs of similar length (prompt + longest answer) into the same training
+            batch, to cut padding: shuffled mega-batches of up to 50 batches are sorted by length, then
+            the batches are shuffled (see `sampler.length_grouped_batches`). Only matters for
+            batch_size > 1; the order stays seeded and resumable.
         trust_remote_code: Allow custom tokenizer code from the tokenizer's repository.
         prefix_sharing: Batch in the shared-prompt layout (one row per prompt: prompt, chosen, rejected...;
             `lit_dpo.data.shared_prompt`), which gives the same log-probs as the plain layout for about half
@@ -99,6 +103,7 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: int = 42,
         trust_remote_code: bool = False,
         prefix_sharing: bool = True,
+        group_by_length: bool = True,
     ) -> None:
         super().__init__()
         self._train_sampler: ResumableBatchSampler | None = None
@@ -155,6 +160,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.seed = seed
         self.trust_remote_code = trust_remote_code
         self.prefix_sharing = prefix_sharing
+        self.group_by_length = group_by_length
 
         self.tokenizer = None
         self.train_dataset: datasets.Dataset | None = None
@@ -166,6 +172,8 @@ class PreferenceDataModule(L.LightningDataModule):
         rejected answers)."""
         self.negatives: dict[str, int] = {}
         """K, rejected answers per prompt, for each loaded file with K > 1 (e.g. {"data.train_path x.jsonl": 3})."""
+        self.pair_lengths: dict[str, np.ndarray] = {}
+        """Per split: tokens of each kept pair, prompt + longest answer (for length-grouped batches)."""
         self._is_setup = False
 
     @override
@@ -269,7 +277,12 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _train_loader(self, dataset: datasets.Dataset) -> DataLoader:
         # Order depends on (seed, epoch) only, never on global RNG, and resumes mid-epoch (sampler.py).
-        self._train_sampler = ResumableBatchSampler(len(dataset), self.batch_size, seed=self.seed)
+        lengths = self.pair_lengths.get("train") if self.group_by_length else None
+        if lengths is not None and len(lengths) != len(dataset):  # a dataset swapped in after setup
+            lengths = None
+        self._train_sampler = ResumableBatchSampler(
+            len(dataset), self.batch_size, seed=self.seed, lengths=None if lengths is None else lengths.tolist()
+        )
         if self._sampler_state_to_load is not None:  # resuming: continue where the checkpoint stopped
             self._train_sampler.load_state_dict(self._sampler_state_to_load)
             self._sampler_state_to_load = None
@@ -386,6 +399,7 @@ class PreferenceDataModule(L.LightningDataModule):
             "completion_tokens_max": int(kept["_completion_len"].max()),
         }
         self.stats[split] = stats
+        self.pair_lengths[split] = kept["_prompt_len"] + kept["_completion_len"]
         rank_zero_info(
             f"{split}: {stats['pairs']} pairs ({stats['dropped_too_long']} dropped as too long, "
             f"{stats['skipped_invalid']} invalid rows skipped); prompt tokens mean {stats['prompt_tokens_mean']:.1f} "
