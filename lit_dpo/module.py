@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from functools import partial
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torchmetrics import MeanMetric, SumMetric
 from typing_extensions import override
 
@@ -35,6 +37,9 @@ METRIC_NAMES = (
     "logps/chosen",
     "logps/rejected",
 )
+# Lightning suggests sync_dist=True for epoch-level logs under DDP; these values come from torchmetrics
+# metrics, which already reduce over every process in compute(), so a second reduction would add nothing.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(train|val|test|rewards)/")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -285,11 +290,19 @@ class DPOModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # the running epoch means, so an epoch interrupted and resumed still reports its whole mean
-        checkpoint["epoch_metrics"] = self.epoch_metrics.state_dict()
-        checkpoint["rng_state"] = _get_rng_state()
+        local = {"epoch_metrics": self.epoch_metrics.state_dict(), "rng_state": _get_rng_state()}
+        checkpoint.update(local)  # process 0's, the whole state of a single-process run
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Both are per process (own dropout draws, own share of the epoch): keep every process's.
+            # Every process runs this hook (Trainer.save_checkpoint), so the collective is safe.
+            checkpoint["per_process_state"] = _all_gather_objects(move_data_to_device(local, "cpu"))
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        per_process = checkpoint.get("per_process_state")
+        if per_process and len(per_process) == self.trainer.world_size:
+            checkpoint = {**checkpoint, **per_process[self.global_rank]}
+        # else: a single-process checkpoint, or a different number of processes: process 0's state for all
         self._rng_to_restore = checkpoint.get("rng_state")
         if "epoch_metrics" in checkpoint:
             self.epoch_metrics.load_state_dict(checkpoint["epoch_metrics"])
@@ -338,6 +351,12 @@ def _compute_and_reset(collection: torch.nn.ModuleDict, prefix_loss: str) -> dic
         out[prefix_loss + name if name == "loss" else name] = metric.compute().item()
         metric.reset()
     return out
+
+
+def _all_gather_objects(value: Any) -> list[Any]:
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def _get_rng_state() -> dict:
