@@ -29,10 +29,12 @@ COMPARED_TAGS = (
 )
 
 
-def fit(tmp_path: Path, model_dir: str, name: str, devices: int, batch_size: int, *extra: str) -> Path:
+def fit(tmp_path: Path, model_dir: str, name: str, devices: int, batch_size: int, *extra: str,
+        config: Path | None = None) -> Path:
     """Run `python -m lit_dpo fit` on `devices` CPU processes; return the run directory."""
     args = [
         sys.executable, "-m", "lit_dpo", "fit",
+        *(["--config", str(config)] if config else []),  # first: the arguments below override it
         f"--model.model_name_or_path={model_dir}",
         f"--data.train_path={tmp_path / 'pairs.jsonl'}",
         "--data.val_fraction=0.2",  # 20 pairs: 16 train, 4 val
@@ -41,7 +43,7 @@ def fit(tmp_path: Path, model_dir: str, name: str, devices: int, batch_size: int
         "--model.warmup_steps=1",
         "--trainer.accelerator=cpu",
         f"--trainer.devices={devices}",
-        f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}",
+        *([] if config else [f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}"]),
         "--trainer.max_epochs=2",
         "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false",
@@ -105,14 +107,16 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny
 
 def test_interrupted_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir):
     """Stopped after 3 of 8 steps (mid first epoch) and resumed with --ckpt_path last: same weights and
-    curves as the run that was never interrupted. Dropout on, so each process's RNG must resume too."""
+    curves as the run that was never interrupted. Dropout on, so each process's RNG must resume too.
+    Runs configs/strategies/ddp.yaml (on CPU), so that file is exercised end to end."""
     write_pairs(tmp_path / "pairs.jsonl", n=20)
     common = ["--trainer.accumulate_grad_batches=2", "--model.lora_dropout=0.1", "--checkpoint.every_n_train_steps=1"]
-    full = fit(tmp_path, tiny_model_dir, "full", 2, 1, *common)
+    ddp_yaml = REPO / "configs" / "strategies" / "ddp.yaml"
+    full = fit(tmp_path, tiny_model_dir, "full", 2, 1, *common, config=ddp_yaml)
 
     stop = {"class_path": "test_training.StopAfterSteps", "init_args": {"steps": 3}}
-    fit(tmp_path, tiny_model_dir, "resumed", 2, 1, *common, f"--trainer.callbacks=[{json.dumps(stop)}]")
-    resumed = fit(tmp_path, tiny_model_dir, "resumed", 2, 1, *common, "--ckpt_path=last")
+    fit(tmp_path, tiny_model_dir, "resumed", 2, 1, *common, f"--trainer.callbacks=[{json.dumps(stop)}]", config=ddp_yaml)
+    resumed = fit(tmp_path, tiny_model_dir, "resumed", 2, 1, *common, "--ckpt_path=last", config=ddp_yaml)
     assert resumed.name == "version_0"  # continued in the interrupted run's directory
 
     assert_same_weights(lora_weights(resumed), lora_weights(full))
