@@ -65,3 +65,23 @@ def test_every_setting_has_a_comment(name):
         stripped = line.strip()
         if stripped and not stripped.startswith("#"):
             assert " # " in line or line.rstrip().endswith("#"), f"{name}.yaml:{number} has no comment: {line}"
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_strategy_builds_from_its_file(name):
+    """jsonargparse turns the YAML into Lightning's strategy object (no GPU needed to build it)."""
+    from typing import Union
+
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Union[str, Strategy])
+    section = yaml.safe_load((CONFIGS / "strategies" / f"{name}.yaml").read_text())["trainer"]["strategy"]
+    strategy = parser.instantiate_classes(parser.parse_args(["--strategy", yaml.safe_dump(section)])).strategy
+    assert type(strategy).__name__ == STRATEGIES[name][0].rsplit(".", 1)[1]
+    if name == "fsdp":
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+        assert strategy.kwargs["use_orig_params"] is True  # LoRA: frozen and trainable weights share shards
