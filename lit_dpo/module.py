@@ -299,13 +299,13 @@ class DPOModule(L.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        own = checkpoint  # a single-process checkpoint, or a different number of processes: process 0's state
         per_process = checkpoint.get("per_process_state")
         if per_process and len(per_process) == self.trainer.world_size:
-            checkpoint = {**checkpoint, **per_process[self.global_rank]}
-        # else: a single-process checkpoint, or a different number of processes: process 0's state for all
-        self._rng_to_restore = checkpoint.get("rng_state")
-        if "epoch_metrics" in checkpoint:
-            self.epoch_metrics.load_state_dict(checkpoint["epoch_metrics"])
+            own = per_process[self.global_rank]
+        self._rng_to_restore = own.get("rng_state")
+        if "epoch_metrics" in own:
+            self.epoch_metrics.load_state_dict(own["epoch_metrics"])
         # Resuming with a changed model.learning_rate (the guide's "decrease LR by 2x") must take effect;
         # Lightning restores optimizer and scheduler from this dict after this hook. Scaling by new/old
         # keeps any reduction made during the run (OscillationDetector).
