@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from functools import partial
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 from typing_extensions import override
@@ -39,6 +41,9 @@ METRIC_NAMES = (
     "logps/chosen",
     "logps/rejected",
 )
+# Lightning suggests sync_dist=True for epoch-level logs under DDP; these values come from torchmetrics
+# metrics, which already reduce over every process in compute(), so a second reduction would add nothing.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(train|val|test|rewards)/")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -339,17 +344,25 @@ class DPOModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # the running epoch means, so an epoch interrupted and resumed still reports its whole mean
-        checkpoint["epoch_metrics"] = self.epoch_metrics.state_dict()
-        checkpoint["rng_state"] = _get_rng_state()
+        local = {"epoch_metrics": self.epoch_metrics.state_dict(), "rng_state": _get_rng_state()}
+        checkpoint.update(local)  # process 0's, the whole state of a single-process run
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Both are per process (own dropout draws, own share of the epoch): keep every process's.
+            # Every process runs this hook (Trainer.save_checkpoint), so the collective is safe.
+            checkpoint["per_process_state"] = _all_gather_objects(move_data_to_device(local, "cpu"))
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng_to_restore = checkpoint.get("rng_state")
+        own = checkpoint  # a single-process checkpoint, or a different number of processes: process 0's state
+        per_process = checkpoint.get("per_process_state")
+        if per_process and len(per_process) == self.trainer.world_size:
+            own = per_process[self.global_rank]
+        self._rng_to_restore = own.get("rng_state")
         # epochs the loaded weights were trained for (test reports it; the config may say more or fewer)
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
         self.checkpoint_epochs = progress.get("current", {}).get("completed")
-        if "epoch_metrics" in checkpoint:
-            self.epoch_metrics.load_state_dict(checkpoint["epoch_metrics"])
+        if "epoch_metrics" in own:
+            self.epoch_metrics.load_state_dict(own["epoch_metrics"])
         # Resuming with a changed model.learning_rate (the guide's "decrease LR by 2x") must take effect;
         # Lightning restores optimizer and scheduler from this dict after this hook. Scaling by new/old
         # keeps any reduction made during the run (OscillationDetector).
@@ -404,6 +417,12 @@ def _compute_and_reset(collection: torch.nn.ModuleDict, prefix_loss: str) -> dic
         out[prefix_loss + name if name == "loss" else name] = metric.compute().item()
         metric.reset()
     return out
+
+
+def _all_gather_objects(value: Any) -> list[Any]:
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def _get_rng_state() -> dict:
