@@ -9,7 +9,6 @@ window and every process, as if the effective batch had been one forward.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -24,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 from typing_extensions import override
 
-from lit_dpo import losses, reference_cache
+from lit_dpo import losses, reference_cache, resume_state
 from lit_dpo.adapters import read_adapter
 from lit_dpo.data.shared_prompt import SHARED_KEY, to_plain_layout
 from lit_dpo.errors import ConfigError
@@ -277,7 +276,7 @@ class DPOModule(L.LightningModule):
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # restored here, after data loading set-up used no RNG
-            _set_rng_state(self._rng_to_restore)
+            resume_state.set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
 
     @override
@@ -344,40 +343,23 @@ class DPOModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # the running epoch means, so an epoch interrupted and resumed still reports its whole mean
-        local = {"epoch_metrics": self.epoch_metrics.state_dict(), "rng_state": _get_rng_state()}
+        local = {"epoch_metrics": self.epoch_metrics.state_dict(), "rng_state": resume_state.get_rng_state()}
         checkpoint.update(local)  # process 0's, the whole state of a single-process run
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():
             # Both are per process (own dropout draws, own share of the epoch): keep every process's.
             # Every process runs this hook (Trainer.save_checkpoint), so the collective is safe.
-            checkpoint["per_process_state"] = _all_gather_objects(move_data_to_device(local, "cpu"))
+            checkpoint["per_process_state"] = resume_state.gather_per_process(move_data_to_device(local, "cpu"))
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        own = checkpoint  # a single-process checkpoint, or a different number of processes: process 0's state
-        per_process = checkpoint.get("per_process_state")
-        if per_process and len(per_process) == self.trainer.world_size:
-            own = per_process[self.global_rank]
+        own = resume_state.own_state(checkpoint, self.global_rank, self.trainer.world_size)
         self._rng_to_restore = own.get("rng_state")
+        if "epoch_metrics" in own:
+            self.epoch_metrics.load_state_dict(own["epoch_metrics"])
         # epochs the loaded weights were trained for (test reports it; the config may say more or fewer)
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
         self.checkpoint_epochs = progress.get("current", {}).get("completed")
-        if "epoch_metrics" in own:
-            self.epoch_metrics.load_state_dict(own["epoch_metrics"])
-        # Resuming with a changed model.learning_rate (the guide's "decrease LR by 2x") must take effect;
-        # Lightning restores optimizer and scheduler from this dict after this hook. Scaling by new/old
-        # keeps any reduction made during the run (OscillationDetector).
-        old, new = checkpoint.get("hyper_parameters", {}).get("learning_rate"), self.hparams.learning_rate
-        if old and new != old:
-            ratio = new / old
-            for optimizer in checkpoint.get("optimizer_states", []):
-                for group in optimizer["param_groups"]:
-                    for key in ("lr", "initial_lr"):
-                        if key in group:
-                            group[key] *= ratio
-            for scheduler in checkpoint.get("lr_schedulers", []):
-                for key in ("base_lrs", "_last_lr"):
-                    if key in scheduler:
-                        scheduler[key] = [lr * ratio for lr in scheduler[key]]
+        resume_state.rescale_learning_rate(checkpoint, self.hparams.learning_rate)
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -417,23 +399,3 @@ def _compute_and_reset(collection: torch.nn.ModuleDict, prefix_loss: str) -> dic
         out[prefix_loss + name if name == "loss" else name] = metric.compute().item()
         metric.reset()
     return out
-
-
-def _all_gather_objects(value: Any) -> list[Any]:
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
-
-
-def _get_rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError):
-            torch.cuda.set_rng_state_all(state["cuda"])
