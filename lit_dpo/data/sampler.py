@@ -60,6 +60,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> ResumableBatchSampler:
+        """This sampler itself. Lightning's fit loop calls `set_epoch` only on `loader.sampler` and
+        `loader.batch_sampler.sampler`, never on the batch sampler; without this every epoch would
+        replay epoch 0's order."""
+        return self
+
     def _batches(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.shuffle and self.lengths is not None and self.batch_size > 1:
