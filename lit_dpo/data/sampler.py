@@ -46,6 +46,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> ResumableBatchSampler:
+        """This sampler itself. Lightning's fit loop calls `set_epoch` only on `loader.sampler` and
+        `loader.batch_sampler.sampler`, never on the batch sampler; without this every epoch would
+        replay epoch 0's order."""
+        return self
+
     def _batches(self) -> list[list[int]]:
         if self.shuffle:
             order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
