@@ -35,6 +35,16 @@ from bench_report import render_markdown, render_table, summarize  # noqa: E402
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 STEP1_TOLERANCE = 1e-4
+# lit_dpo keys the script sets for both contenders: overriding them on one side only would compare different runs.
+SHARED_KEYS = {
+    "data.batch_size": "--batch-size", "data.seed": "--seed", "seed_everything": "--seed",
+    "data.train_path": "--num-pairs", "data.val_path": "--num-pairs", "trainer.max_epochs": "--epochs",
+    "model.learning_rate": "--learning-rate", "model.beta": "--beta", "model.model_name_or_path": "--quick",
+    "model.gradient_checkpointing": "--gradient-checkpointing", "model.loss_type": "none: sigmoid only",
+    "model.lora_r": "none: r=16", "model.lora_alpha": "none: alpha=32", "model.lora_dropout": "none: 0",
+    "model.dtype": "none: float32", "trainer.precision": "none: 32-true",
+    "trainer.accumulate_grad_batches": "none: 1", "model.warmup_steps": "none: 0",
+}  # fmt: skip
 VAL_PAIRS = 2  # lit_dpo wants a validation set; one tiny batch, never run (limit_val_batches=0)
 
 
@@ -45,8 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="rounds of TRL, lit_dpo (, TRL precompute) (2; --quick 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in every run")
     p.add_argument("--batch-size", type=int, default=2, help="pairs per optimizer step (no accumulation)")
-    p.add_argument("--history-len", type=int, help="synthetic viewing history (10 -> ~220 prompt tokens; --quick 2)")
-    p.add_argument("--num-candidates", type=int, help="synthetic candidates per prompt (10; --quick 2)")
+    p.add_argument("--history-len", type=int, help="synthetic viewing history (7; with 7 candidates ~225 prompt tokens; --quick 2)")
+    p.add_argument("--num-candidates", type=int, help="synthetic candidates per prompt (7; --quick 2)")
     p.add_argument("--learning-rate", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=42, help="seed_everything / TRL seed and lit_dpo's data.seed")
@@ -59,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="results.json, results.md and run dirs")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny random model, 8 pairs, 1 epoch, 1 repeat")
     args = p.parse_args(argv)
-    defaults = {"epochs": 3, "num_pairs": 64, "repeats": 2, "history_len": 10, "num_candidates": 10}
+    defaults = {"epochs": 3, "num_pairs": 64, "repeats": 2, "history_len": 7, "num_candidates": 7}
     if args.quick:  # smaller everything, short prompts: a smoke test of the script, not a timing
         defaults = {"epochs": 1, "num_pairs": 8, "repeats": 1, "history_len": 2, "num_candidates": 2}
     for key, value in defaults.items():
@@ -71,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for item in args.lit_arg:
         if "=" not in item or not item.split("=", 1)[0]:
             p.error(f"--lit-arg expects KEY=VALUE (e.g. data.prefix_sharing=false), got {item!r}")
+        if item.split("=", 1)[0] in SHARED_KEYS:
+            p.error(f"--lit-arg {item}: this setting is shared with TRL; use the script's own option "
+                    f"({SHARED_KEYS[item.split('=', 1)[0]]}) so both sides change")  # fmt: skip
     return args
 
 
