@@ -73,7 +73,7 @@ def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     summary = results["summary"]
     epochs, steps = summary["epochs"], summary["compare_steps"]
     header = ["contender", "pairs/s 1 ep", "vs TRL", f"pairs/s {epochs} ep", "vs TRL", "precompute/setup s",
-              "peak RSS GiB", "step-1 loss", "|Δ step-1|", f"max |Δloss| {steps} steps"]  # fmt: skip
+              "peak RSS GiB", "step-1 loss", "Δ step-1 vs TRL", f"max Δloss vs TRL, {steps} steps"]  # fmt: skip
     rows = []
     for row in summary["contenders"].values():
         rows.append([
@@ -83,6 +83,8 @@ def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             _fmt(row["pre_train_seconds"], ".1f"), _fmt(row["peak_rss_gib"], ".2f"),
             _fmt(row["step1_loss"], ".6f"), _fmt(row["step1_loss_diff"], ".1e"), _fmt(row["max_loss_diff"], ".1e"),
         ])  # fmt: skip
+    if epochs == 1:  # the "after the last epoch" columns would repeat the 1-epoch ones
+        header, rows = header[:3] + header[5:], [row[:3] + row[5:] for row in rows]
     return header, rows
 
 
@@ -115,7 +117,8 @@ def render_markdown(results: dict) -> str:
         f"{d['answer_tokens_min']}-{d['answer_tokens_max']} tokens (mean {d['answer_tokens_mean']:.1f}, EOS included); "
         f"answers tokenized differently by TRL and lit_dpo: {d['tokenization_mismatches']}",
         "- pairs/s = pairs trained / (seconds from the start of training to the end of that epoch + reference "
-        "precompute); medians over the repeats. Losses: first run of each contender against TRL's first run.",
+        "precompute); medians over the repeats. Δ: absolute loss difference, first run of each contender against "
+        "TRL's first run.",
         "",
         *table,
         "",

@@ -183,7 +183,8 @@ def lit_config(spec: dict) -> dict:
         # TRL saves nothing during the run (save_strategy="no"); lit_dpo's periodic checkpoints are off too.
         "checkpoint": {"every_n_train_steps": 0, "every_n_epochs": 0, "save_last": False, "save_on_exception": False},
         # No validation runs, so the plateau watcher follows the training loss; best.ckpt off (TRL saves nothing).
-        "plateau": {"monitor": "train/loss_epoch", "save_best": False},
+        # min_epochs past the end: a plateau stop would end lit_dpo's run before TRL's.
+        "plateau": {"monitor": "train/loss_epoch", "save_best": False, "min_epochs": spec["epochs"] + 1},
         # A learning-rate cut by the oscillation watcher would make the curves incomparable; warn only.
         "oscillation": {"action": "warn"},
     }
@@ -195,6 +196,7 @@ def run_lit(spec: dict) -> dict:
     config_path = Path(spec["run_dir"]) / "lit_dpo.yaml"
     config_path.write_text(yaml.safe_dump(lit_config(spec), sort_keys=False))
     overrides = [f"--{arg}" for arg in spec["lit_args"]]
+    sys.argv = sys.argv[:1]  # the CLI gets its arguments from `args` only
     cli = LitDPOCLI(args=["fit", "--config", str(config_path), *overrides])
     recorders = [c for c in cli.trainer.callbacks if type(c).__name__ == "LightningStepRecorder"]
     return {**recorders[0].record, "precompute_seconds": None}
@@ -205,6 +207,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(spec["threads"])
     runner = run_lit if spec["contender"] == "lit_dpo" else run_trl
     result = runner(spec)
+    if len(result["epoch_ends"]) != spec["epochs"]:
+        raise RuntimeError(f"{spec['contender']} stopped after {len(result['epoch_ends'])} of {spec['epochs']} epochs")
     result.update(contender=spec["contender"], peak_rss_bytes=peak_rss_bytes(), torch_threads=torch.get_num_threads())
     Path(spec["result_path"]).write_text(json.dumps(result, indent=1))
     return 0

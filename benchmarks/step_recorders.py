@@ -7,6 +7,7 @@ Both recorders keep the same fields, so the benchmark compares like with like:
     train_start: when the first training batch is about to run.
     epoch_ends: one mark per finished epoch, so a 3-epoch run also yields the 1-epoch figure.
     losses: the training loss of every optimizer step, in order.
+    step_ends: when each optimizer step's logging was done (where the time goes, step by step).
 Times are `time.perf_counter()` seconds; only differences between marks are meaningful.
 
 The Lightning recorder also gives both sides the same LoRA initialisation (`reinit_lora`): LoRA's `A`
@@ -54,7 +55,7 @@ def reinit_lora(model: torch.nn.Module, seed: int = LORA_INIT_SEED) -> int:
 
 
 def empty_record() -> dict:
-    return {"start": None, "train_start": None, "epoch_ends": [], "losses": []}
+    return {"start": None, "train_start": None, "epoch_ends": [], "losses": [], "step_ends": []}
 
 
 class LightningStepRecorder(L.Callback):
@@ -83,6 +84,7 @@ class LightningStepRecorder(L.Callback):
         if trainer.global_step != self._last_step and "train/loss" in trainer.callback_metrics:
             self._last_step = trainer.global_step
             self.record["losses"].append(float(trainer.callback_metrics["train/loss"]))
+            self.record["step_ends"].append(time.perf_counter())
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record["epoch_ends"].append(time.perf_counter())
@@ -104,3 +106,4 @@ class TrlStepRecorder(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.record["losses"].append(float(logs["loss"]))
+            self.record["step_ends"].append(time.perf_counter())
