@@ -37,7 +37,8 @@ def summarize(runs: list[dict], contenders: list[str], epochs: int, num_pairs: i
         compare_steps: Leading optimizer steps whose losses are compared with TRL's.
 
     Returns:
-        {"epochs", "compare_steps", "contenders": {name: row}}.
+        {"epochs", "compare_steps" (the steps actually compared: fewer when a run is shorter),
+        "contenders": {name: row}}.
     """
     by_name = {name: [r for r in runs if r["contender"] == name] for name in contenders}
     trl_losses = by_name["trl"][0]["losses"]
@@ -62,7 +63,8 @@ def summarize(runs: list[dict], contenders: list[str], epochs: int, num_pairs: i
     for row in rows.values():
         row["ratio_1_epoch"] = row["pairs_per_s_1_epoch"] / base["pairs_per_s_1_epoch"]
         row[f"ratio_{epochs}_epochs"] = row[f"pairs_per_s_{epochs}_epochs"] / base[f"pairs_per_s_{epochs}_epochs"]
-    return {"epochs": epochs, "compare_steps": compare_steps, "contenders": rows}
+    compared = min([compare_steps, *(len(r["losses"]) for r in runs)])
+    return {"epochs": epochs, "compare_steps": compared, "contenders": rows}
 
 
 def _fmt(value, spec: str) -> str:
@@ -73,7 +75,7 @@ def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     summary = results["summary"]
     epochs, steps = summary["epochs"], summary["compare_steps"]
     header = ["contender", "pairs/s 1 ep", "vs TRL", f"pairs/s {epochs} ep", "vs TRL", "precompute/setup s",
-              "peak RSS GiB", "step-1 loss", "Δ step-1 vs TRL", f"max Δloss vs TRL, {steps} steps"]  # fmt: skip
+              "peak RSS GiB", "step-1 loss", "Δ step-1 vs TRL", f"max Δloss vs TRL, first {steps} steps"]  # fmt: skip
     rows = []
     for row in summary["contenders"].values():
         rows.append([
