@@ -37,3 +37,13 @@ def test_quick_benchmark_runs_and_losses_agree(tmp_path):
     assert all(r["peak_rss_bytes"] > 0 for r in results["runs"])
     assert results["data"]["tokenization_mismatches"] == 0
     assert "QUICK SMOKE TEST" in (tmp_path / "results.md").read_text()
+
+
+def test_one_sided_override_of_a_shared_setting_is_refused(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_vs_trl.py"), "--quick", "--lit-arg", "data.batch_size=4",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--lit-arg data.batch_size=4" in proc.stderr and "--batch-size" in proc.stderr
