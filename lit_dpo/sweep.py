@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -93,9 +94,9 @@ def parse_grid(spec: str) -> tuple[str, list[str]]:
     key, sep, values = spec.partition("=")
     key = key.strip().removeprefix("--")
     items = [v.strip() for v in values.split(",") if v.strip()]
-    if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)+", key) or not items:
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", key) or not items:
         raise SweepInputError(
-            f"--grid {spec!r}: expected KEY=V1,V2,... with a dotted config key, e.g. --grid model.beta=0.05,0.1,0.2"
+            f"--grid {spec!r}: expected KEY=V1,V2,... with a (dotted) config key, e.g. --grid model.beta=0.05,0.1,0.2"
         )
     if len(set(items)) != len(items):
         raise SweepInputError(f"--grid {spec!r}: a value is listed twice")
@@ -176,7 +177,9 @@ def assign_versions(directory: Path, runs: list[PlannedRun]) -> None:
             used.add(known[run.run_id])
         run.version = known[run.run_id]
     directory.mkdir(parents=True, exist_ok=True)
-    plan_path.write_text(json.dumps({"versions": known}, indent=2))
+    tmp = plan_path.with_name(f".{PLAN_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps({"versions": known}, indent=2))
+    tmp.replace(plan_path)  # atomic: shards started together never read half a file
 
 
 def mark_epoch_reuse(sweep: Sweep, mode: str) -> None:
@@ -266,6 +269,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--shard", default=None, metavar="I/N",
                         help="run only every N-th trained configuration starting at I (one process per GPU)")
     parser.add_argument("--results-only", action="store_true", help="train nothing; rebuild results and plots")
+    parser.add_argument("--dry-run", action="store_true", help="print the planned runs (versions, reuse) and "
+                        "fix their version numbers in sweep.json; train nothing")
     argv = list(argv)
     if argv[:1] == ["sweep"]:  # `python -m lit_dpo` passes the subcommand through
         argv = argv[1:]
@@ -292,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         args, fit_args = parse_args(sys.argv[1:] if argv is None else argv)
         sweep = plan(args, fit_args)
         print(f"[sweep] {sweep.name}: {len(sweep.runs)} run(s) in {sweep.directory}", flush=True)
+        if args.dry_run:
+            for run in sweep.runs:
+                reuse = f"  <- epoch checkpoint of {run.reuse_of} ({'exact' if run.reuse_exact else 'approximate'})"
+                print(f"  version_{run.version}  {run.run_id}{reuse if run.reuse_of else ''}")
+            return 0
         failed = 0 if args.results_only else run_sweep(sweep, test=args.test != "off", shard=args.shard)
         if args.shard is None or args.results_only:
             print(write_results(sweep, best_by=args.best_by), flush=True)

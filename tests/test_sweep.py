@@ -86,6 +86,16 @@ def test_epoch_reuse_only_when_exact_unless_opted_in(tmp_path):
                                                    lr_scheduler_type="constant_with_warmup").runs)
 
 
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
+    config = write_config(tmp_path, lr_scheduler_type="constant_with_warmup")
+    argv = ["sweep", "--config", str(config), "--grid", "trainer.max_epochs=1,3", "--grid", "seed_everything=1,2", "--dry-run"]
+    assert sweep_module.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "version_0  trainer.max_epochs=1  <- epoch checkpoint of base (exact)" in out and "version_3  seed_everything=2" in out
+    assert json.loads((tmp_path / "tb_logs" / "base-sweep-max_epochs-seed_everything" / "sweep.json").read_text())["versions"]
+    assert not list((tmp_path / "tb_logs").rglob("version_*"))
+
+
 def test_error_line_prefers_lit_dpo_message(tmp_path):
     log = tmp_path / "x.log"
     log.write_text("$ python -m lit_dpo fit\nsome output\nlit_dpo: error: model.beta must be > 0 (got 0.0)\n")
