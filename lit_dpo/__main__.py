@@ -2,6 +2,7 @@
 `python -m lit_dpo prepare movielens --source DIR --out DIR` (train/val/test JSONL from MovieLens) and
 `python -m lit_dpo report RUN_DIR [RUN_DIR ...]` (comparison table, CIs, McNemar) and
 `python -m lit_dpo export --ckpt_path CKPT --out DIR` (LoRA merged into a plain Hugging Face model) and
+`python -m lit_dpo recommend --ckpt_path CKPT --input prompts.jsonl --out recs.jsonl` (one movie per prompt) and
 `python -m lit_dpo sweep --config CFG --grid model.beta=0.05,0.1` (ablations, tables, plots)."""
 
 import sys
@@ -10,7 +11,13 @@ from lit_dpo.errors import UserInputError
 
 
 # Subcommands that are not Lightning's: module whose `main(argv)` takes the arguments from the name on.
-TOOLS = {"prepare": "lit_dpo.data.movielens", "report": "lit_dpo.report", "export": "lit_dpo.export", "sweep": "lit_dpo.sweep"}
+TOOLS = {
+    "prepare": "lit_dpo.data.movielens",
+    "report": "lit_dpo.report",
+    "export": "lit_dpo.export",
+    "recommend": "lit_dpo.recommend",
+    "sweep": "lit_dpo.sweep",
+}
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from lit_dpo.callbacks import (
     MemoryGuard,
     OscillationDetector,
     PlateauEarlyStopping,
+    RankingEvaluation,
     RunSummary,
 )
 from lit_dpo.data import PreferenceDataModule
@@ -58,6 +59,7 @@ class LitDPOCLI(LightningCLI):
         parser.add_lightning_class_args(MemoryGuard, "memory")  # before diagnosis: its OOM finding must exist first
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.add_lightning_class_args(Diagnosis, "diagnosis")
+        parser.add_lightning_class_args(RankingEvaluation, "ranking")  # HR@1/NDCG in val; results.json in test
         parser.set_defaults(
             {
                 "checkpoint.filename": "step{step:06d}",
@@ -89,6 +91,8 @@ class LitDPOCLI(LightningCLI):
     # ------------------------------------------------------------------ run directory handling
     def _run_subcommand(self, subcommand: str) -> None:
         self._resolve_last_checkpoint(subcommand)
+        if subcommand != "fit":
+            self._log_beside_checkpoint(subcommand)
         self._run_dir_existed = self._run_dir().exists()
         if subcommand in ("fit", "validate", "test", "predict"):
             # Validate and tokenize the data now: a bad file fails before a run directory exists.
@@ -122,6 +126,20 @@ class LitDPOCLI(LightningCLI):
         logger._version = int(last.parent.parent.name.removeprefix("version_"))  # continue in the same run dir
         config["ckpt_path"] = str(last)
         rank_zero_info(f"Resuming from {last}")
+
+    def _log_beside_checkpoint(self, subcommand: str) -> None:
+        """validate/test/predict of a run's checkpoint log into that run's directory (results.json lands
+        beside its training curves), not into a new version_N."""
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        logger = self.trainer.logger
+        if not ckpt_path or not isinstance(logger, TensorBoardLogger):
+            return
+        ckpt = Path(ckpt_path).expanduser().resolve()
+        run_dir = ckpt.parent.parent
+        if ckpt.parent.name != "checkpoints" or not run_dir.name.startswith("version_"):
+            return  # a checkpoint from elsewhere: a new run directory, as usual
+        logger._root_dir, logger._name = str(run_dir.parent.parent), run_dir.parent.name  # save_dir, name
+        logger._version = int(run_dir.name.removeprefix("version_"))
 
     def _discard_failed_run_dir(self) -> None:
         run_dir = self._run_dir()

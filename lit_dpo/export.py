@@ -11,24 +11,19 @@ directly: evaluation and serving need neither peft nor this package.
 from __future__ import annotations
 
 import argparse
-import inspect
-import logging
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
+from lit_dpo.checkpoints import CheckpointError, load_trained_module
 from lit_dpo.errors import UserInputError
 from lit_dpo.models import is_lora, load_tokenizer
-from lit_dpo.module import _DTYPES, DPOModule
-
-log = logging.getLogger(__name__)
+from lit_dpo.module import _DTYPES
 
 
-class ExportError(UserInputError):
+class ExportError(CheckpointError):
     """A checkpoint or output directory that cannot be exported; the message says how to fix it."""
 
 
@@ -56,12 +51,10 @@ def export_checkpoint(
         raise ExportError(f"export --dtype: unknown dtype '{dtype}'; choose one of: {', '.join(_DTYPES)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"export --out: {out} exists and is not empty; choose another directory or pass --overwrite")
-    checkpoint = _load_checkpoint(ckpt_path)
-
-    module = _module_from_hparams(checkpoint["hyper_parameters"], ckpt_path)
-    module.configure_model()
-    _load_trained_weights(module, checkpoint["state_dict"], ckpt_path)
-    model = module.policy.merge_and_unload() if is_lora(module.policy) else module.policy
+    # Merging adds B A to W; a 4-/8-bit W cannot hold the sum, so the base is loaded unquantized.
+    module = load_trained_module(ckpt_path, command="export", quantized=False)
+    # only the trained adapter; a frozen `reference` adapter (init_adapter runs) is dropped, not merged
+    model = module.policy.merge_and_unload(adapter_names=["default"]) if is_lora(module.policy) else module.policy
     model.eval()
     model.config.use_cache = True  # training turned the KV cache off; generation wants it back
     if dtype is not None:
@@ -84,62 +77,6 @@ def export_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _load_checkpoint(ckpt_path: Path) -> dict:
-    if not ckpt_path.is_file():
-        raise ExportError(
-            f"export --ckpt_path: not found: {ckpt_path} (give a .ckpt from a fit run, e.g. "
-            "tb_logs/<name>/version_0/checkpoints/last.ckpt)"
-        )
-    try:
-        # weights_only: the checkpoint holds tensors and plain values only, and unpickling code is not needed
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a readable checkpoint"
-        raise ExportError(f"export --ckpt_path: {ckpt_path} is not a readable checkpoint ({type(error).__name__})") from error
-    if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= checkpoint.keys():
-        raise ExportError(
-            f"export --ckpt_path: {ckpt_path} has no hyper_parameters/state_dict; give a checkpoint written by "
-            "python -m lit_dpo fit"
-        )
-    return checkpoint
-
-
-def _module_from_hparams(hparams: dict, ckpt_path: Path) -> DPOModule:
-    # LightningCLI may add its own keys (e.g. `_instantiator`); keep only DPOModule's arguments.
-    accepted = inspect.signature(DPOModule.__init__).parameters
-    kwargs = {key: value for key, value in hparams.items() if key in accepted and key != "self"}
-    if kwargs.get("quantization") is not None:
-        # Merging adds B A to W; a 4-/8-bit W cannot hold the sum, so the base is loaded unquantized.
-        log.warning(
-            "%s was trained with quantization=%s; exporting merges into the unquantized base weights",
-            ckpt_path, kwargs["quantization"],
-        )  # fmt: skip
-    kwargs["quantization"] = None
-    kwargs["gradient_checkpointing"] = False  # inference only; the saved config should not carry it
-    return DPOModule(**kwargs)
-
-
-def _load_trained_weights(module: DPOModule, state_dict: dict[str, torch.Tensor], ckpt_path: Path) -> None:
-    """Load the checkpoint's weights; every trainable weight must be found, and nothing else may be left over."""
-    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-    hint = (
-        "the checkpoint's hyper_parameters (model_name_or_path, lora_r, lora_target_modules, finetuning) "
-        "must match the run that wrote it"
-    )
-    try:
-        result = module.load_state_dict(state_dict, strict=False)
-    except RuntimeError as error:  # shape mismatches; torch lists every one, the first is enough to act on
-        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
-        raise ExportError(f"export --ckpt_path: {ckpt_path}: {detail}; {hint}") from error
-    unknown = sorted(result.unexpected_keys)
-    missing = sorted(trainable - state_dict.keys())
-    if unknown or missing:
-        first, count = (unknown[0], len(unknown)) if unknown else (missing[0], len(missing))
-        what = "keys the model does not have" if unknown else "trainable weights missing from the checkpoint"
-        raise ExportError(
-            f"export --ckpt_path: {ckpt_path}: {count} {what} (first: {first}); {hint}"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

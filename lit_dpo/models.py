@@ -167,6 +167,7 @@ def load_policy(
     trust_remote_code: bool,
     attn_implementation: str | None,
     device: torch.device | None = None,
+    init_adapter: str | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """Build the trainable policy and, for full fine-tuning, a frozen reference copy.
 
@@ -178,6 +179,11 @@ def load_policy(
     """
     from transformers import AutoModelForCausalLM
 
+    if init_adapter is not None and finetuning != "lora":
+        raise ModelLoadError(
+            "model.init_adapter needs model.finetuning: lora (the SFT adapter becomes the trainable adapter "
+            "and the reference); remove init_adapter or use finetuning: lora"
+        )
     if quantization is not None and finetuning == "full":
         raise ModelLoadError(
             "model.finetuning=full cannot train a quantized model; use model.finetuning: lora with "
@@ -219,12 +225,20 @@ def load_policy(
         target_modules=lora_target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), None
+    policy = get_peft_model(model, lora)
+    if init_adapter is not None:
+        from lit_dpo.adapters import attach_init_adapter
+
+        attach_init_adapter(policy, init_adapter, lora_r=lora_r, lora_alpha=lora_alpha)
+    return policy, None
 
 
 def reference_mode(policy: torch.nn.Module):
-    """Context in which `policy` computes the reference model: adapters off (LoRA)."""
-    return policy.disable_adapter()
+    """Context in which `policy` computes the reference model: the frozen SFT adapter when the run
+    started from one (`init_adapter`), else the base model (adapters off)."""
+    from lit_dpo.adapters import has_reference_adapter, reference_adapter_active
+
+    return reference_adapter_active(policy) if has_reference_adapter(policy) else policy.disable_adapter()
 
 
 def is_lora(policy: torch.nn.Module) -> bool:

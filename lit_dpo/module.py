@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric, SumMetric
 from typing_extensions import override
 
 from lit_dpo import losses
+from lit_dpo.adapters import read_adapter
 from lit_dpo.errors import ConfigError
 from lit_dpo.models import Quantization, check_model_path, load_policy, reference_mode
 
@@ -81,6 +82,7 @@ class DPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
+        init_adapter: str | None = None,
     ) -> None:
         """Preference fine-tuning of a causal LM against a frozen reference.
 
@@ -107,10 +109,14 @@ class DPOModule(L.LightningModule):
             gradient_checkpointing: Recompute activations in backward to save memory (slower).
             attn_implementation: transformers attention backend (`sdpa`, `eager`, …).
             trust_remote_code: Allow model code from the checkpoint's repository to run.
+            init_adapter: Start from an SFT adapter and use it as the reference (S-DPO's recipe): the
+                last.ckpt of a LoRA SFT run or a PEFT adapter directory; None starts from the base model.
         """
         super().__init__()
         _validate(loss_type, beta, label_smoothing, learning_rate, warmup_steps, lora_r)
         check_model_path(model_name_or_path)  # fail before any run directory exists
+        if init_adapter is not None:
+            read_adapter(init_adapter)  # same: a wrong path fails now, not after the model loads
         self.save_hyperparameters()
         self.loss_config = losses.LossConfig(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
         self.policy: torch.nn.Module | None = None
@@ -124,6 +130,7 @@ class DPOModule(L.LightningModule):
         self.tokens_seen = SumMetric()
         self._window_start = time.perf_counter()
         self._rng_to_restore: dict | None = None
+        self.checkpoint_epochs: int | None = None  # set when weights come from a checkpoint
 
     @override
     def configure_model(self) -> None:
@@ -144,6 +151,7 @@ class DPOModule(L.LightningModule):
             trust_remote_code=hp.trust_remote_code,
             attn_implementation=hp.attn_implementation,
             device=device,
+            init_adapter=hp.init_adapter,
         )
 
     # ----------------------------------------------------------------------------------- forward
@@ -303,6 +311,9 @@ class DPOModule(L.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_state")
+        # epochs the loaded weights were trained for (test reports it; the config may say more or fewer)
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+        self.checkpoint_epochs = progress.get("current", {}).get("completed")
         if "epoch_metrics" in checkpoint:
             self.epoch_metrics.load_state_dict(checkpoint["epoch_metrics"])
         # Resuming with a changed model.learning_rate (the guide's "decrease LR by 2x") must take effect;

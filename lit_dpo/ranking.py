@@ -50,17 +50,19 @@ class RankingInputError(UserInputError):
 
 
 # ---------------------------------------------------------------------------------- tokenization
-def encode_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> list[int]:
+def encode_prompt(tokenizer, prompt: str | Sequence[int], use_chat_template: bool = True) -> list[int]:
     """Prompt token ids exactly as `lit_dpo.data.tokenize.tokenize_batch` builds them (before truncation).
 
     Args:
         tokenizer: The run's tokenizer.
-        prompt: The user message.
+        prompt: The user message, or its token ids as the data module prepared them (returned as they are).
         use_chat_template: Wrap as one user turn plus the assistant header (training's `chat=True`).
 
     Returns:
         Token ids; with the chat template no extra special tokens are added (the template has them).
     """
+    if not isinstance(prompt, str):
+        return list(prompt)
     return list(encode_prompts(tokenizer, [prompt], use_chat_template)[0])
 
 
@@ -87,7 +89,7 @@ def _device(module) -> torch.device:
 
 # ---------------------------------------------------------------------------------------- scoring
 def score_candidates(
-    module, tokenizer, prompt: str, candidates: Sequence[str], batch_size: int = 16, use_chat_template: bool = True
+    module, tokenizer, prompt: str | Sequence[int], candidates: Sequence[str], batch_size: int = 16, use_chat_template: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Summed log-prob of each candidate as the completion of `prompt`, and its token count.
 
@@ -120,7 +122,7 @@ def score_candidates(
     return torch.cat(sums), torch.cat(counts)
 
 
-def generate_answer(module, tokenizer, prompt: str, max_new_tokens: int = 32, use_chat_template: bool = True) -> str:
+def generate_answer(module, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 32, use_chat_template: bool = True) -> str:
     """The policy's greedy answer to `prompt` (adapters on): only the new tokens, special tokens stripped."""
     prompt_ids = torch.tensor([encode_prompt(tokenizer, prompt, use_chat_template)], device=_device(module))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

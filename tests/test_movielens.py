@@ -226,7 +226,8 @@ def test_main(ml1m, tmp_path, capsys):
     assert main(["prepare", "movielens", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lit_dpo: error: ") and err.count("\n") == 1 and "missing" in err
-    argv = ["prepare", "movielens", "--source", str(ml1m), "--out", str(tmp_path / "o"), "--num-candidates", "8"]
+    argv = ["prepare", "movielens", "--source", str(ml1m), "--out", str(tmp_path / "o"), "--num-candidates", "8",
+            "--tokenizer", "none"]  # fmt: skip
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["examples"]["test"] == 3
     assert (tmp_path / "o" / "test.jsonl").is_file()
@@ -239,7 +240,8 @@ def test_python_m_lit_dpo_prepare_movielens(ml1m, tmp_path, monkeypatch, capsys)
     from lit_dpo.__main__ import main as package_main
 
     out = tmp_path / "prepared"
-    monkeypatch.setattr(sys, "argv", ["lit_dpo", "prepare", "movielens", "--source", str(ml1m), "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["lit_dpo", "prepare", "movielens", "--source", str(ml1m), "--out", str(out),
+                                      "--tokenizer", "none"])  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         package_main()
     assert exit_info.value.code == 0
@@ -255,3 +257,16 @@ def test_prepared_files_train_directly(ml1m, tmp_path, tiny_model_dir):
     cli = run_cli(tmp_path, tiny_model_dir, "--trainer.max_steps=2", f"--data.train_path={out / 'train.jsonl'}",
                   f"--data.val_path={out / 'val.jsonl'}")
     assert cli.trainer.global_step == 2
+
+
+def test_stats_report_token_lengths_with_the_chat_template(ml1m, tmp_path, tiny_model_dir, tiny_tokenizer):
+    """stats.json says how long prompts are in the tokens training will see, to set data.max_prompt_length."""
+    from lit_dpo.data.tokenize import encode_prompts
+
+    stats = prepare(ml1m, tmp_path / "out", tokenizer=tiny_model_dir)
+    records = [json.loads(line) for split in ("train", "val", "test") for line in (tmp_path / "out" / f"{split}.jsonl").open()]
+    lengths = [len(ids) for ids in encode_prompts(tiny_tokenizer, [r["prompt"] for r in records], chat=True)]
+    assert stats["prompt_tokens"]["max"] == max(lengths)
+    assert stats["prompt_tokens"]["mean"] == round(sum(lengths) / len(lengths), 1)
+    assert stats["answer_tokens"]["max"] >= 2  # title + EOS
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["prompt_tokens"] == stats["prompt_tokens"]

@@ -7,6 +7,7 @@ from lit_dpo.callbacks.findings import Finding
 from lit_dpo.callbacks.memory_guard import MemoryGuard
 from lit_dpo.callbacks.oscillation import OscillationDetector
 from lit_dpo.callbacks.plateau import PlateauEarlyStopping
+from lit_dpo.callbacks.ranking_eval import RankingEvaluation
 from lit_dpo.callbacks.summary import RunSummary
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "MemoryGuard",
     "OscillationDetector",
     "PlateauEarlyStopping",
+    "RankingEvaluation",
     "RunSummary",
 ]

@@ -224,6 +224,36 @@ class PreferenceDataModule(L.LightningDataModule):
         """The batch builder (needs the tokenizer, so only after `setup`)."""
         return PreferenceCollator(pad_token_id=self.tokenizer.pad_token_id)
 
+    def ranking_records(self, split: str) -> list[dict]:
+        """Recommendation records of `split` ("val" or "test") for `lit_dpo.ranking.evaluate_ranking`.
+
+        Each record holds the tokenized prompt (chat template and truncation exactly as in the pair
+        metrics) under `prompt`, plus `candidates`, `target` and a `prompt_id` (the `user_id`/`id`
+        column, else the row number). Empty when the split has no `candidates`/`target` columns.
+        """
+        dataset = {"val": self.val_dataset, "test": self.test_dataset}[split]
+        if dataset is None or not {"candidates", "target"} <= set(dataset.column_names):
+            return []
+        id_column = next((c for c in ("prompt_id", "user_id", "id") if c in dataset.column_names), None)
+        columns = ["prompt_input_ids", "candidates", "target"] + ([id_column] if id_column else [])
+        rows = dataset.select_columns(columns).to_list()
+        return [
+            {
+                "prompt": row["prompt_input_ids"],
+                "candidates": row["candidates"],
+                "target": row["target"],
+                "prompt_id": str(row[id_column]) if id_column else str(i),
+            }
+            for i, row in enumerate(rows)
+        ]
+
+    def column_values(self, split: str, column: str) -> list | None:
+        """All values of an extra column (e.g. the training `target`s for the popularity baseline), or None."""
+        dataset = {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}[split]
+        if dataset is None or column not in dataset.column_names:
+            return None
+        return dataset[column]
+
     def _train_loader(self, dataset: datasets.Dataset) -> DataLoader:
         # Order depends on (seed, epoch) only, never on global RNG, and resumes mid-epoch (sampler.py).
         self._train_sampler = ResumableBatchSampler(len(dataset), self.batch_size, seed=self.seed)

@@ -246,6 +246,7 @@ def prepare_movielens(
     min_history: int = 3,
     sliding_windows: bool = False,
     seed: int = 0,
+    tokenizer: str | None = None,
 ) -> dict:
     """Turn a MovieLens folder into `train/val/test.jsonl` preference pairs plus `stats.json` in `out`.
 
@@ -259,6 +260,8 @@ def prepare_movielens(
         min_history: Fewest earlier positives a train example needs; users need `min_history + 3` positives.
         sliding_windows: Emit every eligible position as a train example, not just the last one.
         seed: Seed; each user draws from `random.Random(f"{seed}-{user}")`, independent of iteration order.
+        tokenizer: Tokenizer (as `model_name_or_path`) to measure prompt and answer lengths in tokens with
+            the chat template, as training will see them; None reports characters only.
 
     Returns:
         The stats also written to `stats.json`: counts read, users kept/dropped, examples per split and prompt
@@ -314,6 +317,7 @@ def prepare_movielens(
         "users_dropped": dropped,
         "examples": {name: len(records) for name, records in splits.items()},
         "prompt_chars": {"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
+        **(_token_lengths(tokenizer, splits) if tokenizer else {}),
         "settings": {
             "min_rating": min_rating, "history_len": history_len, "num_candidates": num_candidates,
             "num_negatives": num_negatives, "min_history": min_history, "sliding_windows": sliding_windows,
@@ -322,6 +326,24 @@ def prepare_movielens(
     }
     _write_json(stats, out / "stats.json")
     return stats
+
+
+def _token_lengths(tokenizer_name: str, splits: dict[str, list[dict]]) -> dict:
+    """Prompt (chat-templated) and answer lengths in tokens: what to set data.max_prompt_length from."""
+    from lit_dpo.data.tokenize import encode_completions, encode_prompts
+    from lit_dpo.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_name)
+    records = [r for rs in splits.values() for r in rs]
+    chat = tokenizer.chat_template is not None
+    prompts = [len(ids) for ids in encode_prompts(tokenizer, [r["prompt"] for r in records], chat)]
+    answers = [len(ids) for ids in encode_completions(tokenizer, [r["chosen"] for r in records])]
+
+    def summary(values: list[int]) -> dict:
+        ordered = sorted(values)
+        return {"mean": round(sum(values) / len(values), 1), "p95": ordered[int(0.95 * (len(ordered) - 1))], "max": ordered[-1]}
+
+    return {"tokenizer": tokenizer_name, "prompt_tokens": summary(prompts), "answer_tokens": summary(answers)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -335,6 +357,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-history", type=int, default=3, help="earlier positives a train example needs")
     parser.add_argument("--sliding-windows", action="store_true", help="every eligible position is a train example")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tokenizer", default="embedded:smollm2-135m-instruct",
+        help="tokenizer for the token-length stats (the model you will train; 'none' to skip)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -344,6 +370,7 @@ def run(args: argparse.Namespace) -> int:
             args.source, args.out, min_rating=args.min_rating, history_len=args.history_len,
             num_candidates=args.num_candidates, num_negatives=args.num_negatives, min_history=args.min_history,
             sliding_windows=args.sliding_windows, seed=args.seed,
+            tokenizer=None if args.tokenizer.lower() == "none" else args.tokenizer,
         )  # fmt: skip
     except UserInputError as err:
         print(f"lit_dpo: error: {err}", file=sys.stderr)
