@@ -15,7 +15,7 @@ from lit_dpo.sweep import Sweep
 CURVES = (("train/loss", "train loss (per optimizer step)"), ("val/loss", "val loss"))
 METRICS = (("final_val_loss", "final val loss"), ("best_val_loss", "best val loss"),
            ("val_reward_accuracy", "val reward accuracy"), ("val_reward_margin", "val reward margin"),
-           ("hit@1", "HR@1 (test)"), ("ndcg@10", "NDCG@10 (test)"))
+           ("val_hit@1", "HR@1 (val, last)"), ("hit@1", "HR@1 (test)"), ("ndcg@10", "NDCG@10 (test)"))
 
 
 def runs_of_key(sweep: Sweep, key: str) -> list:

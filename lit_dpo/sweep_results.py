@@ -1,7 +1,7 @@
 """A sweep's results: `results.csv`, `results.md` and PNG plots in the sweep directory.
 
-One row per run: the swept values, final and best val loss, reward accuracy and margin (from the
-run's TensorBoard scalars), HR@1 / NDCG with bootstrap CIs when `test` wrote `results.json`, the
+One row per run: the swept values, final and best val loss, reward accuracy and margin and the
+validation HR@1 (from the run's TensorBoard scalars), test HR@1 / NDCG@10 with bootstrap CIs when `test` wrote `results.json`, the
 watchers' flags (`diagnosis.json`), wall time and peak memory. The best run by the chosen metric is
 named; when the CIs of the best and the runner-up overlap (or McNemar on HR@1 finds no difference)
 the note says the difference is within noise.
@@ -19,7 +19,7 @@ from lit_dpo.report import HIT_KEY, RESULTS_FILE, ALPHA, bootstrap_ci, mcnemar
 from lit_dpo.sweep import Sweep, SweepInputError
 from lit_dpo.sweep_runs import REUSE_FILE, load_record, run_dir
 
-METRIC_COLUMNS = ["final_val_loss", "best_val_loss", "val_reward_accuracy", "val_reward_margin",
+METRIC_COLUMNS = ["final_val_loss", "best_val_loss", "val_reward_accuracy", "val_reward_margin", "val_hit@1",
                   HIT_KEY, f"{HIT_KEY}_ci_low", f"{HIT_KEY}_ci_high", "ndcg@10", "ndcg@10_ci_low", "ndcg@10_ci_high"]
 INFO_COLUMNS = ["flags", "wall_s", "peak_memory_gb", "source", "error"]
 LOWER_IS_BETTER = ("final_val_loss", "best_val_loss")
@@ -47,7 +47,8 @@ def collect_row(sweep: Sweep, run, scalars: dict[str, list[tuple[int, float]]]) 
     val_loss = [v for _, v in scalars.get("val/loss", [])]
     row["final_val_loss"] = val_loss[-1] if val_loss else None
     row["best_val_loss"] = min(val_loss) if val_loss else None
-    for column, tag in (("val_reward_accuracy", "val/rewards/accuracies"), ("val_reward_margin", "val/rewards/margins")):
+    for column, tag in (("val_reward_accuracy", "val/rewards/accuracies"), ("val_reward_margin", "val/rewards/margins"),
+                        ("val_hit@1", "val/hit@1")):
         row[column] = scalars[tag][-1][1] if scalars.get(tag) else None
     row.update(test_metrics(directory / RESULTS_FILE))
     reuse = json.loads((directory / REUSE_FILE).read_text()) if (directory / REUSE_FILE).is_file() else None
@@ -73,12 +74,12 @@ def test_metrics(path: Path) -> dict[str, Any]:
     results = json.loads(path.read_text())
     out: dict[str, Any] = {}
     per_prompt = results.get("per_prompt", {})
-    for metric in (HIT_KEY, "ndcg@10"):
-        if metric in per_prompt and per_prompt[metric]:
-            mean, low, high = bootstrap_ci(per_prompt[metric])
+    for metric, key in ((HIT_KEY, HIT_KEY), ("ndcg@10", "ndcg@10_sum")):  # lit_dpo.ranking's names
+        if per_prompt.get(key):
+            mean, low, high = bootstrap_ci(per_prompt[key])
             out.update({metric: mean, f"{metric}_ci_low": low, f"{metric}_ci_high": high})
-        elif metric in results.get("metrics", {}):
-            out[metric] = results["metrics"][metric]
+        elif key in results.get("metrics", {}):
+            out[metric] = results["metrics"][key]
     out["_per_prompt"] = per_prompt
     return out
 

@@ -40,7 +40,7 @@ def planned(tmp_path: Path, *argv: str, **model):
 
 
 # ------------------------------------------------------------------------------------------ planning
-@pytest.mark.parametrize("spec", ["model.beta", "beta=0.1,0.2", "model.beta=", "model.beta=0.1,0.1"])
+@pytest.mark.parametrize("spec", ["model.beta", "model..beta=0.1,0.2", "model.beta=", "model.beta=0.1,0.1"])
 def test_bad_grid_is_one_clear_error(spec):
     with pytest.raises(SweepInputError, match="--grid"):
         parse_grid(spec)
