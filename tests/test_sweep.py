@@ -235,3 +235,27 @@ def test_epoch_reuse_with_constant_schedule_equals_training(tmp_path, tiny_model
     rows = [next(csv.DictReader((s.directory / "results.csv").open())) for s in (reused_sweep, trained_sweep)]
     assert rows[0]["final_val_loss"] == rows[1]["final_val_loss"]
     assert "exact" in rows[0]["source"] and rows[1]["source"] == "trained"
+
+
+# ------------------------------------------------------------------- the seams in fit that sweep uses
+def test_constant_schedule_holds_the_peak_after_warmup():
+    from lit_dpo.module import linear_warmup_then_constant, linear_warmup_then_decay
+
+    assert [linear_warmup_then_constant(s, warmup_steps=2) for s in range(5)] == [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert linear_warmup_then_constant(0, warmup_steps=0) == 1.0
+    assert linear_warmup_then_decay(3, warmup_steps=2, total_steps=4) == 0.5  # the default depends on the total
+
+
+def test_fit_with_epoch_checkpoints_writes_them_and_diagnosis_json(tmp_path, tiny_model_dir):
+    from test_training import run_cli, write_pairs
+
+    write_pairs(tmp_path / "pairs.jsonl")
+    run_cli(tmp_path, tiny_model_dir, "--trainer.max_epochs=2", "--trainer.callbacks+=lit_dpo.callbacks.EpochCheckpoints",
+            "--diagnosis.print_report=false")
+    run = tmp_path / "tb_logs" / "run" / "version_0"
+    steps = json.loads((run / "checkpoints" / "epochs.json").read_text())
+    assert steps == {"1": 12, "2": 24} and (run / "checkpoints" / "epoch1.ckpt").is_file()
+    assert torch.load(run / "checkpoints" / "epoch1.ckpt", weights_only=False)["global_step"] == 12
+    diagnosis = json.loads((run / "diagnosis.json").read_text())
+    assert diagnosis["ending"].startswith("Finished after 2 of 2 epoch(s)") and not diagnosis["crashed"]
+    assert {"source", "kind", "rule", "message"} <= set(diagnosis["findings"][0]) and diagnosis["peak_memory_gb"] > 0
