@@ -19,7 +19,9 @@ import itertools
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,6 +292,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Plan, run, tabulate. Returns 0 when every run finished, 1 when some failed, 2 on bad input."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the running fit is stopped with the sweep
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     from lit_dpo.sweep_results import write_results
     from lit_dpo.sweep_runs import run_sweep
 

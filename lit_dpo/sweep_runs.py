@@ -124,7 +124,16 @@ def run_logged(command: list[str], log: Path) -> tuple[int, float, str | None]:
     with log.open("a") as out:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
-        returncode = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+        try:
+            returncode = process.wait()
+        except BaseException:  # the sweep is stopped (Ctrl-C, SIGTERM): stop its run too, not orphan it
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
     seconds = time.monotonic() - started
     return returncode, seconds, error_line(log) if returncode else None
 
