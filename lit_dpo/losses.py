@@ -178,22 +178,28 @@ def reward_metrics(logps: PreferenceLogps, beta: float) -> dict[str, Tensor]:
     """DPO's implicit rewards per pair, under TRL's metric names.
 
     Values are per pair (shape [B], detached, float) rather than batch means, so the caller can average
-    them with the right weights across gradient-accumulation steps and processes.
+    them with the right weights across gradient-accumulation steps and processes. With K rejected answers
+    per pair (rejected tensors [B, K], S-DPO) the rejected side is summarised over the K answers.
 
     Returns:
-        ``rewards/chosen`` β·r_c, ``rewards/rejected`` β·r_r, ``rewards/accuracies`` 1.0 where β·r_c > β·r_r
-        (strict, so ties at initialisation count as 0), ``rewards/margins`` β·r_c - β·r_r, and
-        ``logps/chosen``/``logps/rejected`` the policy's summed log-probs.
+        ``rewards/chosen`` β·r_c; ``rewards/rejected`` β·r_r (with K answers: the mean over them);
+        ``rewards/accuracies`` 1.0 where β·r_c > β·r_r (strict, so ties at initialisation count as 0; with
+        K answers: 1.0 only where the chosen reward beats every one of the K); ``rewards/margins``
+        β·r_c - β·r_r (with K answers: minus their mean); ``logps/chosen``/``logps/rejected`` the policy's
+        summed log-probs (rejected: the mean over the K answers).
     """
     chosen = beta * (logps.policy_chosen - logps.reference_chosen).detach().float()
     rejected = beta * (logps.policy_rejected - logps.reference_rejected).detach().float()
+    policy_rejected = logps.policy_rejected.detach().float()
+    if rejected.dim() == 1:
+        rejected, policy_rejected = rejected.unsqueeze(-1), policy_rejected.unsqueeze(-1)
     return {
         "rewards/chosen": chosen,
-        "rewards/rejected": rejected,
-        "rewards/accuracies": (chosen > rejected).float(),
-        "rewards/margins": chosen - rejected,
+        "rewards/rejected": rejected.mean(-1),
+        "rewards/accuracies": (chosen.unsqueeze(-1) > rejected).all(-1).float(),
+        "rewards/margins": chosen - rejected.mean(-1),
         "logps/chosen": logps.policy_chosen.detach().float(),
-        "logps/rejected": logps.policy_rejected.detach().float(),
+        "logps/rejected": policy_rejected.mean(-1),
     }
 
 

@@ -1,30 +1,34 @@
 """DPOModule: the policy, its reference and a preference loss as one LightningModule.
 
-Each step runs chosen and rejected answers through one concatenated forward (see
-`lit_dpo.data.collate`), once for the reference (adapters off, no grad) and once for the policy,
-then applies the loss chosen by `loss_type` from `lit_dpo.losses`. Metrics are torchmetrics
-means weighted by pairs, so a logged step value covers the whole gradient-accumulation window and
-every process, as if the effective batch had been one forward.
+Each step runs the chosen and the K rejected answers through one forward (`lit_dpo.data.collate`, or
+one row per prompt with `lit_dpo.data.shared_prompt`), once for the reference (adapters off, no grad)
+and once for the policy, then applies the loss chosen by `loss_type` from `lit_dpo.losses`. Metrics are
+torchmetrics means weighted by pairs, so a logged step value covers the whole gradient-accumulation
+window and every process, as if the effective batch had been one forward.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
+import warnings
 from functools import partial
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 from typing_extensions import override
 
-from lit_dpo import losses
+from lit_dpo import losses, reference_cache, resume_state
 from lit_dpo.adapters import read_adapter
+from lit_dpo.data.shared_prompt import SHARED_KEY, to_plain_layout
 from lit_dpo.errors import ConfigError
 from lit_dpo.models import Quantization, check_model_path, load_policy, reference_mode
+from lit_dpo.shared_forward import attention_backend, custom_mask_kind, shared_answer_logps
 
 # Names as in TRL (see shared/reference/losses.md), so curves compare directly.
 METRIC_NAMES = (
@@ -36,6 +40,9 @@ METRIC_NAMES = (
     "logps/chosen",
     "logps/rejected",
 )
+# Lightning suggests sync_dist=True for epoch-level logs under DDP; these values come from torchmetrics
+# metrics, which already reduce over every process in compute(), so a second reduction would add nothing.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(train|val|test|rewards)/")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,6 +90,7 @@ class DPOModule(L.LightningModule):
         attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
         init_adapter: str | None = None,
+        precompute_reference: bool = True,
     ) -> None:
         """Preference fine-tuning of a causal LM against a frozen reference.
 
@@ -111,6 +119,10 @@ class DPOModule(L.LightningModule):
             trust_remote_code: Allow model code from the checkpoint's repository to run.
             init_adapter: Start from an SFT adapter and use it as the reference (S-DPO's recipe): the
                 last.ckpt of a LoRA SFT run or a PEFT adapter directory; None starts from the base model.
+            precompute_reference: Compute the reference log-probs of every pair once before the run (fit:
+                train and val) and cache them next to the tokenized data, reused by every epoch, resume,
+                later run and validate/test on the same data and model, instead of a reference forward per
+                step. Exact (the reference never changes); see `lit_dpo.reference_cache`.
         """
         super().__init__()
         _validate(loss_type, beta, label_smoothing, learning_rate, warmup_steps, lora_r)
@@ -130,6 +142,7 @@ class DPOModule(L.LightningModule):
         self.tokens_seen = SumMetric()
         self._window_start = time.perf_counter()
         self._rng_to_restore: dict | None = None
+        self._warned_plain_fallback = False
         self.checkpoint_epochs: int | None = None  # set when weights come from a checkpoint
 
     @override
@@ -154,9 +167,31 @@ class DPOModule(L.LightningModule):
             init_adapter=hp.init_adapter,
         )
 
+    # ------------------------------------------------------------------- precomputed reference
+    @override
+    def setup(self, stage: str) -> None:
+        # The data module has read its files by now (the CLI sets it up first): fail before any step
+        # when the data has K > 1 rejected answers that the chosen loss cannot use.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        for where, count in getattr(datamodule, "negatives", {}).items():
+            _check_negatives(self.hparams.loss_type, count, where)
+        # Reference log-probs here, not in on_fit_start: the trainer may build the train loader before that
+        # (configure_optimizers asks for estimated_stepping_batches), and validate/test build theirs before
+        # any later hook.
+        if not self.hparams.precompute_reference:
+            return
+        strategy = self.trainer.strategy
+        # the model is built early, the way Lightning's own configure_model call builds it (then a no-op)
+        precision = self.trainer.precision_plugin
+        with strategy.tensor_init_context(), strategy.model_sharded_context(), precision.module_init_context():
+            self.configure_model()
+        self.to(strategy.root_device)  # where strategy.setup would move it next
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[stage]
+        reference_cache.attach_to_datamodule(self, splits)
+
     # ----------------------------------------------------------------------------------- forward
     def completion_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed completion log-probs and token counts, both [2B], for a concatenated batch.
+        """Summed completion log-probs and token counts, both [rows], for a plain (concatenated) batch.
 
         The LM head runs only where a completion token is predicted: the prompt's logits would be
         thrown away, and the vocabulary projection is the largest matmul per token.
@@ -178,8 +213,21 @@ class DPOModule(L.LightningModule):
         """Summed log-probs and token counts of every answer, both [B, A]: column 0 the chosen answer,
         columns 1..A-1 the rejected ones (A = 1 + K negatives).
 
-        The plain layout stacks answers as row blocks (B chosen rows, then B rows per rejected answer).
+        The plain layout stacks answers as row blocks (B chosen rows, then B rows per rejected answer); the
+        shared-prompt layout (`lit_dpo.data.shared_prompt`) packs one row per prompt. Both give the same
+        numbers; a backend that cannot take the shared layout's custom mask gets the plain one.
         """
+        if SHARED_KEY in batch:
+            if custom_mask_kind(model) is not None:
+                return shared_answer_logps(model, batch)
+            if not self._warned_plain_fallback:
+                rank_zero_warn(
+                    f"attn_implementation '{attention_backend(model)}' cannot take the shared-prompt layout's "
+                    "custom 4D mask; scoring with the plain layout instead (set data.prefix_sharing: false, or "
+                    "model.attn_implementation: sdpa, to silence this)"
+                )
+                self._warned_plain_fallback = True
+            batch = to_plain_layout(batch)
         summed, tokens = self.completion_logps(model, batch)
         pairs = batch["prompt_count"] if "prompt_count" in batch else summed.shape[0] // 2
         return summed.view(-1, pairs).T, tokens.view(-1, pairs).T
@@ -215,6 +263,8 @@ class DPOModule(L.LightningModule):
     def pair_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses [B] and per-pair metrics (rewards, accuracies, log-probs)."""
         logps = self.preference_logps(batch)
+        if logps.policy_rejected.dim() == 2:
+            _check_negatives(self.hparams.loss_type, logps.policy_rejected.shape[1], "this batch")
         per_pair = losses.preference_loss(self.hparams.loss_type, logps, self.loss_config)
         return per_pair, losses.reward_metrics(logps, self.hparams.beta)
 
@@ -235,7 +285,7 @@ class DPOModule(L.LightningModule):
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # restored here, after data loading set-up used no RNG
-            _set_rng_state(self._rng_to_restore)
+            resume_state.set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
 
     @override
@@ -305,32 +355,23 @@ class DPOModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # the running epoch means, so an epoch interrupted and resumed still reports its whole mean
-        checkpoint["epoch_metrics"] = self.epoch_metrics.state_dict()
-        checkpoint["rng_state"] = _get_rng_state()
+        local = {"epoch_metrics": self.epoch_metrics.state_dict(), "rng_state": resume_state.get_rng_state()}
+        checkpoint.update(local)  # process 0's, the whole state of a single-process run
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Both are per process (own dropout draws, own share of the epoch): keep every process's.
+            # Every process runs this hook (Trainer.save_checkpoint), so the collective is safe.
+            checkpoint["per_process_state"] = resume_state.gather_per_process(move_data_to_device(local, "cpu"))
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng_to_restore = checkpoint.get("rng_state")
+        own = resume_state.own_state(checkpoint, self.global_rank, self.trainer.world_size)
+        self._rng_to_restore = own.get("rng_state")
+        if "epoch_metrics" in own:
+            self.epoch_metrics.load_state_dict(own["epoch_metrics"])
         # epochs the loaded weights were trained for (test reports it; the config may say more or fewer)
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
         self.checkpoint_epochs = progress.get("current", {}).get("completed")
-        if "epoch_metrics" in checkpoint:
-            self.epoch_metrics.load_state_dict(checkpoint["epoch_metrics"])
-        # Resuming with a changed model.learning_rate (the guide's "decrease LR by 2x") must take effect;
-        # Lightning restores optimizer and scheduler from this dict after this hook. Scaling by new/old
-        # keeps any reduction made during the run (OscillationDetector).
-        old, new = checkpoint.get("hyper_parameters", {}).get("learning_rate"), self.hparams.learning_rate
-        if old and new != old:
-            ratio = new / old
-            for optimizer in checkpoint.get("optimizer_states", []):
-                for group in optimizer["param_groups"]:
-                    for key in ("lr", "initial_lr"):
-                        if key in group:
-                            group[key] *= ratio
-            for scheduler in checkpoint.get("lr_schedulers", []):
-                for key in ("base_lrs", "_last_lr"):
-                    if key in scheduler:
-                        scheduler[key] = [lr * ratio for lr in scheduler[key]]
+        resume_state.rescale_learning_rate(checkpoint, self.hparams.learning_rate)
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -349,6 +390,15 @@ def _validate(loss_type: str, beta: float, label_smoothing: float, learning_rate
         raise ConfigError(f"model.lora_r must be >= 1 (got {lora_r})")
 
 
+def _check_negatives(loss_type: str, count: int, where: str) -> None:
+    """Only S-DPO compares a chosen answer with several rejected ones; every other loss takes exactly one."""
+    if count > 1 and loss_type != "sdpo":
+        raise ConfigError(
+            f"model.loss_type: '{loss_type}' takes one rejected answer per prompt but {where} has {count}; "
+            "use model.loss_type: sdpo, or prepare the data with --num-negatives 1"
+        )
+
+
 def _update(collection: torch.nn.ModuleDict, values: dict[str, torch.Tensor]) -> None:
     for name in METRIC_NAMES:
         collection[name.replace("/", "__")].update(values[name].float())
@@ -361,17 +411,3 @@ def _compute_and_reset(collection: torch.nn.ModuleDict, prefix_loss: str) -> dic
         out[prefix_loss + name if name == "loss" else name] = metric.compute().item()
         metric.reset()
     return out
-
-
-def _get_rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError):
-            torch.cuda.set_rng_state_all(state["cuda"])

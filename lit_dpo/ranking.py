@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from lit_dpo.data.collate import pad_completions
+from lit_dpo.data.shared_prompt import pack_shared_prompt
 from lit_dpo.data.tokenize import encode_completions, encode_prompts
 from lit_dpo.errors import UserInputError
 from lit_dpo.evaluation import (
@@ -89,7 +90,13 @@ def _device(module) -> torch.device:
 
 # ---------------------------------------------------------------------------------------- scoring
 def score_candidates(
-    module, tokenizer, prompt: str | Sequence[int], candidates: Sequence[str], batch_size: int = 16, use_chat_template: bool = True
+    module,
+    tokenizer,
+    prompt: str | Sequence[int],
+    candidates: Sequence[str],
+    batch_size: int = 32,
+    use_chat_template: bool = True,
+    prefix_sharing: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-prob of each candidate as the completion of `prompt`, and its token count.
 
@@ -100,6 +107,9 @@ def score_candidates(
         candidates: K candidate titles; EOS is appended to each, as in training.
         batch_size: Candidates per forward pass.
         use_chat_template: Tokenize the prompt with the chat template, as the run was trained.
+        prefix_sharing: Score the candidates of a forward pass as one row, the prompt once followed by
+            every candidate (`lit_dpo.data.shared_prompt`; same numbers, the prompt computed once instead
+            of once per candidate); False gives one padded prompt + candidate row per candidate.
 
     Returns:
         ``(summed, counts)``: float32 [K] summed log-probs (nats) and int64 [K] completion token counts.
@@ -113,12 +123,17 @@ def score_candidates(
     with _eval_mode(module):
         for start in range(0, len(candidates), batch_size):
             completions = encode_completions(tokenizer, list(candidates[start : start + batch_size]))
-            # the collator's padding, so positions match training
-            input_ids, attention_mask, labels = pad_completions([prompt_ids] * len(completions), completions, pad)
-            batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
-            summed, count = module.completion_logps(module.policy, batch)
-            sums.append(summed.float().cpu())
-            counts.append(count.cpu())
+            # the collators' layouts, so positions match training
+            if prefix_sharing:
+                batch = pack_shared_prompt([prompt_ids], [completions], pad)
+            else:
+                keys = ("input_ids", "attention_mask", "labels")
+                batch = dict(zip(keys, pad_completions([prompt_ids] * len(completions), completions, pad)))
+                batch["prompt_count"] = len(completions)  # each candidate row its own "prompt"
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            summed, count = module.answer_logps(module.policy, batch)
+            sums.append(summed.flatten().float().cpu())
+            counts.append(count.flatten().cpu())
     return torch.cat(sums), torch.cat(counts)
 
 

@@ -116,7 +116,7 @@ def test_collator_hand_checked_batch():
          "target": "b", "prompt": "text is not passed on"},
     ]  # fmt: skip
     batch = PreferenceCollator(pad_token_id=0)(rows)
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "target"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "prompt_count", "target"}
     # Rows 0-1: prompt + chosen; rows 2-3: prompt + rejected; right-padded to the longest (5).
     assert batch["input_ids"].tolist() == [[1, 2, 3, 9, 0], [6, 7, 9, 0, 0], [1, 2, 4, 5, 9], [6, 8, 9, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
@@ -156,7 +156,8 @@ def test_formats_load_tokenize_and_batch(kind, tmp_path, tiny_model_dir, tiny_to
     eos = tiny_tokenizer.eos_token_id
     assert row["chosen_input_ids"] == tiny_tokenizer("the dark river", add_special_tokens=False)["input_ids"] + [eos]
     batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape[0] == 8 and len(batch["id"]) == 4
+    # the shared-prompt layout (the default): one row per pair
+    assert batch["input_ids"].shape[0] == 4 and batch["prompt_count"] == 4 and len(batch["id"]) == 4
 
 
 def test_saved_datasetdict_uses_train_and_validation(tmp_path, tiny_model_dir):

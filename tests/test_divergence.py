@@ -161,8 +161,10 @@ def _find(cli, cls):
 def test_absurd_learning_rate_stops_keeps_the_last_good_checkpoint_and_resumes(tmp_path, tiny_model_dir):
     write_pairs(tmp_path / "pairs.jsonl")
     # lr 50 alone only saturates the tiny model (loss stuck at ~0.72); with beta 10 the loss jumps above 2
+    # At lr 50 Adam turns rounding-level gradient differences into full-size steps, so the trajectory (which
+    # step stays healthy) depends on float rounding; the steps asserted below are those of the plain layout.
     diverging = ["--trainer.max_epochs=3", "--model.learning_rate=50", "--model.beta=10", "--model.warmup_steps=5",
-                 "--checkpoint.every_n_train_steps=2"]
+                 "--checkpoint.every_n_train_steps=2", "--data.prefix_sharing=false"]
     cli = run_cli(tmp_path, tiny_model_dir, *diverging, _callbacks())
     guard, record = _find(cli, DivergenceGuard), _find(cli, RecordWeights)
     assert cli.trainer.global_step < 36  # 12 steps per epoch × 3

@@ -307,3 +307,31 @@ def test_sdpo_two_negatives_by_hand():
     inner = math.log(math.exp(-2) + math.exp(-1))
     expected = math.log1p(math.exp(inner))
     torch.testing.assert_close(LOSSES["sdpo"](logps, LossConfig(beta=1.0)), torch.tensor([expected]))
+
+
+def test_reward_metrics_with_k_negatives_by_hand():
+    """K = 2 rejected answers, β = 0.5. Pair 1: r_c = -4 - (-5) = 1, r_r = (-6 - (-5), -3 - (-4)) = (-1, 1)
+    ⇒ β·r = 0.5 and (-0.5, 0.5): rewards/rejected = mean = 0, margin = 0.5 - 0 = 0.5, accuracy 0 because
+    the chosen reward only ties the second answer. Pair 2: r_c = 2, r_r = (0, -2) ⇒ β·r = 1 and (0, -1):
+    rewards/rejected -0.5, margin 1.5, accuracy 1 (beats both). logps/rejected = the policy mean."""
+    two = lambda a, b: torch.tensor([a, b], dtype=torch.float64)  # noqa: E731
+    logps = PreferenceLogps(
+        policy_chosen=two(-4.0, -1.0),
+        policy_rejected=torch.tensor([[-6.0, -3.0], [-2.0, -9.0]], dtype=torch.float64),
+        reference_chosen=two(-5.0, -3.0),
+        reference_rejected=torch.tensor([[-5.0, -4.0], [-2.0, -7.0]], dtype=torch.float64),
+        chosen_tokens=two(1, 1),
+        rejected_tokens=torch.ones(2, 2),
+    )
+    m = reward_metrics(logps, beta=0.5)
+    expected = {
+        "rewards/chosen": [0.5, 1.0],
+        "rewards/rejected": [0.0, -0.5],
+        "rewards/accuracies": [0.0, 1.0],
+        "rewards/margins": [0.5, 1.5],
+        "logps/chosen": [-4.0, -1.0],
+        "logps/rejected": [-4.5, -5.5],
+    }
+    for key, value in expected.items():
+        assert m[key].shape == (2,) and m[key].dtype == torch.float32, key
+        assert_close(m[key], torch.tensor(value), atol=1e-6, rtol=1e-6)

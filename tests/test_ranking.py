@@ -58,6 +58,15 @@ def test_candidate_scores_match_full_logits(module, tiny_tokenizer):
             assert counts[i].item() == n.item() == len(completion)
 
 
+@pytest.mark.parametrize("batch_size", [3, 32])
+def test_shared_prompt_scoring_equals_one_row_per_candidate(module, tiny_tokenizer, batch_size):
+    prompt = RECORDS[0]["prompt"]
+    shared = ranking.score_candidates(module, tiny_tokenizer, prompt, CANDIDATES, batch_size=batch_size)
+    plain = ranking.score_candidates(module, tiny_tokenizer, prompt, CANDIDATES, batch_size=batch_size, prefix_sharing=False)
+    torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-6)
+    assert shared[1].tolist() == plain[1].tolist()
+
+
 def test_generate_answer_returns_text(module, tiny_tokenizer):
     answer = ranking.generate_answer(module, tiny_tokenizer, RECORDS[0]["prompt"], max_new_tokens=5)
     assert isinstance(answer, str)

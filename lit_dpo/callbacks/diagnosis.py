@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
@@ -57,7 +58,8 @@ class Diagnosis(L.Callback):
 
     @rank_zero_only
     def _report(self, trainer: L.Trainer, exception: BaseException | None) -> None:
-        if self._written or not trainer.log_dir:
+        run_dir = rank_zero_log_dir(trainer)
+        if self._written or not run_dir:
             return
         self._written = True
         findings = [f for cb in trainer.callbacks if isinstance(cb, ReportsFindings) for f in cb.findings()]
@@ -69,13 +71,26 @@ class Diagnosis(L.Callback):
             "minutes": (time.monotonic() - self._started) / 60,
         }
         text = render(**facts)
-        path = Path(trainer.log_dir) / self.filename
+        path = Path(run_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         facts.update(findings=[asdict(f) for f in findings], crashed=exception is not None)
         path.with_suffix(".json").write_text(json.dumps(facts, indent=2))
         if self.print_report:
             print(f"\n{text}\n(saved to {path})", file=sys.stdout, flush=True)
+
+
+def rank_zero_log_dir(trainer: L.Trainer) -> str | None:
+    """`trainer.log_dir` as process 0 sees it, without `trainer.log_dir`'s broadcast.
+
+    For code that runs on process 0 only (`rank_zero_only`, or after one process crashed): the broadcast
+    is a collective, and the other processes never join it, so under DDP it would hang or fail.
+    Process 0 is the broadcast's source, so the value is the same.
+    """
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    logger = trainer.loggers[0]
+    return logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
 
 
 def epochs_trained(trainer: L.Trainer) -> float:

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
+from lit_dpo.callbacks.diagnosis import rank_zero_log_dir
 from lit_dpo.ranking import evaluate_ranking, write_results
 
 VAL_METRICS = ("hit@1", "ndcg@5_sum", "mrr_sum")
@@ -90,13 +91,14 @@ class RankingEvaluation(L.Callback):
     @override
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._test_results is None or not trainer.log_dir:
+        log_dir = rank_zero_log_dir(trainer)  # not trainer.log_dir: a collective, and only process 0 is here
+        if self._test_results is None or not log_dir:
             return
         results = self._test_results
         for logged, name in PAIR_METRICS.items():
             if logged in trainer.callback_metrics:
                 results["metrics"][name] = float(trainer.callback_metrics[logged])
-        run_dir = Path(trainer.log_dir)
+        run_dir = Path(log_dir)
         hp = pl_module.hparams
         path = write_results(
             results,

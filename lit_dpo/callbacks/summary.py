@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from lit_dpo.callbacks.diagnosis import epochs_trained
+from lit_dpo.callbacks.diagnosis import epochs_trained, rank_zero_log_dir
 
 # (panel title, [(label, TensorBoard tag)]) — the guide's "what to track": loss curve and accuracy.
 PANELS = [
@@ -47,8 +47,9 @@ class RunSummary(L.Callback):
         curves = _read_curves(trainer.logger)
         text = self.render(trainer, curves)
         print("\n" + text, flush=True)
-        if self.write_file and trainer.log_dir:
-            run_dir = Path(trainer.log_dir)
+        log_dir = rank_zero_log_dir(trainer)
+        if self.write_file and log_dir:
+            run_dir = Path(log_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "summary.txt").write_text(text + "\n")
             if curves.get("train/loss"):
@@ -72,9 +73,10 @@ class RunSummary(L.Callback):
                            ("margin", "val/rewards/margins"), ("chosen reward", "val/rewards/chosen"),
                            ("rejected reward", "val/rewards/rejected")])
             lines.append(f"  val:   {val}")
-        if trainer.log_dir:
-            root = Path(trainer.log_dir).parent.parent
-            lines.append(f"  logs:        {trainer.log_dir}  (view: tensorboard --logdir {root})")
+        log_dir = rank_zero_log_dir(trainer)
+        if log_dir:
+            root = Path(log_dir).parent.parent
+            lines.append(f"  logs:        {log_dir}  (view: tensorboard --logdir {root})")
         ckpt = trainer.checkpoint_callback
         if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath:
             last = Path(ckpt.dirpath) / "last.ckpt"

@@ -1,6 +1,6 @@
 """Batching tokenized preference pairs for a single concatenated forward pass.
 
-DPO needs the policy's (and the reference's) log-probabilities of both completions. Stacking the chosen and
+DPO needs the policy's (and the reference's) log-probabilities of every completion. Stacking the chosen and
 rejected sequences into one batch runs them through one forward instead of two, as trl's
 `DPOTrainer.concatenated_inputs` and torchtune's `padded_collate_dpo` (v0.6.1, `torchtune/data/_collate.py`) do.
 """
@@ -15,21 +15,26 @@ IGNORE_INDEX = -100  # the label value Hugging Face losses (and ours) skip
 ID_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 # Raw text columns are never passed on: the ids carry the same content and strings bloat every batch.
 TEXT_KEYS = ("prompt", "chosen", "rejected")
+REFERENCE_KEY = "reference_logps"  # optional per-pair column of reference log-probs, one per answer
 
 
 class PreferenceCollator:
-    """Pads a list of tokenized pairs into one batch of 2B sequences: B prompt+chosen, then B prompt+rejected.
+    """Pads a list of tokenized pairs into one batch of A·B sequences: B prompt+chosen rows, then B
+    prompt+rejected rows for each of the K rejected answers (A = 1 + K).
 
-    Input rows hold `prompt_input_ids`, `chosen_input_ids` and `rejected_input_ids` (lists of ints) and
-    optionally extra per-pair fields (for example `candidates`, `target`).
+    Input rows hold `prompt_input_ids`, `chosen_input_ids` and `rejected_input_ids` (lists of ints, or for K
+    rejected answers a list of K such lists) and optionally extra per-pair fields (`candidates`, `target`).
 
-    Output batch:
-        input_ids: LongTensor [2B, T]; row i is prompt_i + chosen_i for i < B, prompt_{i-B} + rejected_{i-B}
-            for i >= B; right-padded with `pad_token_id` to the longest sequence T.
-        attention_mask: LongTensor [2B, T]; 1 on real tokens, 0 on padding.
-        labels: LongTensor [2B, T]; the token id on completion positions and -100 on prompt and padding,
+    Output batch (the plain layout; `lit_dpo.data.shared_prompt` packs the same content with one prompt copy):
+        input_ids: LongTensor [A·B, T]; row j·B + i is prompt_i + answer j of pair i (answer 0 = chosen,
+            answer j = rejected_j); right-padded with `pad_token_id` to the longest sequence T.
+        attention_mask: LongTensor [A·B, T]; 1 on real tokens, 0 on padding.
+        labels: LongTensor [A·B, T]; the token id on completion positions and -100 on prompt and padding,
             aligned with input_ids (not shifted: shift by one before comparing with logits).
+        prompt_count: int, B.
         every extra field: a list of B values in pair order, under its own key.
+        reference_logps (only when the rows carry it): FloatTensor [B, A], the reference log-probs of
+            each answer (chosen first), precomputed by `lit_dpo.reference_cache`.
 
     Args:
         pad_token_id: Token id written into padding positions (masked out, so any valid id works).
@@ -40,14 +45,31 @@ class PreferenceCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         prompts = [row["prompt_input_ids"] for row in rows]
-        completions = [row["chosen_input_ids"] for row in rows] + [row["rejected_input_ids"] for row in rows]
-        input_ids, attention_mask, labels = pad_completions(prompts + prompts, completions, self.pad_token_id)
+        answers = [answers_of(row) for row in rows]
+        blocks = range(len(answers[0]))
+        completions = [answers[i][j] for j in blocks for i in range(len(rows))]
+        input_ids, attention_mask, labels = pad_completions(prompts * len(blocks), completions, self.pad_token_id)
 
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        for key in rows[0]:
-            if key not in ID_KEYS and key not in TEXT_KEYS:
-                batch[key] = [row[key] for row in rows]
+        batch["prompt_count"] = len(rows)
+        batch.update(extra_fields(rows))
         return batch
+
+
+def answers_of(row: dict[str, Any]) -> list[list[int]]:
+    """A pair's answers as token-id lists, chosen first: `[chosen, rejected]` or `[chosen, *K rejected]`."""
+    rejected = row["rejected_input_ids"]
+    negatives = rejected if rejected and isinstance(rejected[0], list) else [rejected]
+    return [row["chosen_input_ids"], *negatives]
+
+
+def extra_fields(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-pair fields other than token ids and raw texts, each as a list of B values in pair order;
+    precomputed reference log-probs (`lit_dpo.reference_cache`) as a float tensor [B, A] like `answer_logps`."""
+    fields: dict[str, Any] = {key: [row[key] for row in rows] for key in rows[0] if key not in ID_KEYS and key not in TEXT_KEYS}
+    if REFERENCE_KEY in fields:
+        fields[REFERENCE_KEY] = torch.tensor(fields[REFERENCE_KEY], dtype=torch.float32)
+    return fields
 
 
 def pad_completions(

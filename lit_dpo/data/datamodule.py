@@ -28,6 +28,7 @@ from typing_extensions import override
 from lit_dpo.data.collate import PreferenceCollator
 from lit_dpo.data.loading import Columns, DataError, Source, check_path, load_source, saved_splits
 from lit_dpo.data.sampler import ResumableBatchSampler
+from lit_dpo.data.shared_prompt import SharedPromptCollator
 from lit_dpo.data.synthetic import GENERATOR_VERSION, generate_pairs, write_jsonl
 from lit_dpo.data.tokenize import HELPER_COLUMNS, TOKENIZATION_VERSION, tokenize_batch, tokenizer_digest
 from lit_dpo.models import cache_root, load_tokenizer
@@ -38,8 +39,10 @@ SYNTHETIC_SEED = 0  # the built-in set stays the same across `seed`s, so runs wi
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs (prompt, chosen, rejected) for DPO-style training, tokenized and batched.
 
-    Batches come from `PreferenceCollator`: `input_ids`, `attention_mask`, `labels` of shape [2B, T] (B
-    prompt+chosen rows, then B prompt+rejected rows) plus any extra per-pair columns such as `candidates`.
+    Batches come from `SharedPromptCollator` (`prefix_sharing`, the default: one row per prompt holding the
+    prompt and all its answers, see `lit_dpo.data.shared_prompt`) or `PreferenceCollator` (plain: [A·B, T],
+    B prompt+chosen rows, then B prompt+rejected rows per rejected answer), plus any extra per-pair columns
+    such as `candidates`. `rejected` may hold K answers per prompt (a list of K strings) for the sdpo loss.
 
     Args:
         train_path: Training pairs: a .jsonl/.json/.parquet/.csv file or a `save_to_disk` directory (a
@@ -57,7 +60,8 @@ class PreferenceDataModule(L.LightningDataModule):
             assistant header; falls back to the plain prompt when the tokenizer has no template.
         max_prompt_length: Prompt tokens kept (from the end) before fitting the pair into max_length.
         max_length: Longest prompt + completion in tokens; prompts are cut further to fit, completions never.
-        batch_size: Preference pairs per training batch (the forward pass sees 2 * batch_size sequences).
+        batch_size: Preference pairs per training batch (the forward pass sees batch_size rows with prefix_sharing,
+            else (1 + K) * batch_size rows for K rejected answers per pair).
         eval_batch_size: Pairs per validation/test/predict batch; None uses batch_size.
         num_workers: DataLoader worker processes; 0 loads in the main process.
         skip_invalid_rows: Skip rows whose prompt/chosen/rejected is missing, not a string or blank (counted
@@ -66,7 +70,14 @@ class PreferenceDataModule(L.LightningDataModule):
         synthetic_history_len: Movies in each synthetic user's viewing history.
         synthetic_num_candidates: Titles in each synthetic candidate list (the target included).
         seed: Seed of the train/validation split and of the training-order shuffle.
+        group_by_length: Put pairs of similar length (prompt + longest answer) into the same training
+            batch, to cut padding: shuffled mega-batches of up to 50 batches are sorted by length, then
+            the batches are shuffled (see `sampler.length_grouped_batches`). Only matters for
+            batch_size > 1; the order stays seeded and resumable.
         trust_remote_code: Allow custom tokenizer code from the tokenizer's repository.
+        prefix_sharing: Batch in the shared-prompt layout (one row per prompt: prompt, chosen, rejected...;
+            `lit_dpo.data.shared_prompt`), which gives the same log-probs as the plain layout for about half
+            the compute on long prompts. False gives the plain layout (one prompt copy per answer).
     """
 
     def __init__(
@@ -91,6 +102,8 @@ class PreferenceDataModule(L.LightningDataModule):
         synthetic_num_candidates: int = 10,
         seed: int = 42,
         trust_remote_code: bool = False,
+        prefix_sharing: bool = True,
+        group_by_length: bool = True,
     ) -> None:
         super().__init__()
         self._train_sampler: ResumableBatchSampler | None = None
@@ -146,6 +159,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.synthetic_num_candidates = synthetic_num_candidates
         self.seed = seed
         self.trust_remote_code = trust_remote_code
+        self.prefix_sharing = prefix_sharing
+        self.group_by_length = group_by_length
 
         self.tokenizer = None
         self.train_dataset: datasets.Dataset | None = None
@@ -153,7 +168,12 @@ class PreferenceDataModule(L.LightningDataModule):
         self.test_dataset: datasets.Dataset | None = None
         self.stats: dict[str, dict[str, float | int]] = {}
         """Per split ("train", "val", "test"): pairs, dropped_too_long, skipped_invalid, identical_pairs,
-        truncated_prompts, prompt_tokens_mean/max, completion_tokens_mean/max (longer of chosen/rejected)."""
+        truncated_prompts, prompt_tokens_mean/max, completion_tokens_mean/max (the longest of chosen and the
+        rejected answers)."""
+        self.negatives: dict[str, int] = {}
+        """K, rejected answers per prompt, for each loaded file with K > 1 (e.g. {"data.train_path x.jsonl": 3})."""
+        self.pair_lengths: dict[str, np.ndarray] = {}
+        """Per split: tokens of each kept pair, prompt + longest answer (for length-grouped batches)."""
         self._is_setup = False
 
     @override
@@ -220,9 +240,10 @@ class PreferenceDataModule(L.LightningDataModule):
         return self._eval_loader(self.test_dataset)
 
     @property
-    def collator(self) -> PreferenceCollator:
-        """The batch builder (needs the tokenizer, so only after `setup`)."""
-        return PreferenceCollator(pad_token_id=self.tokenizer.pad_token_id)
+    def collator(self) -> PreferenceCollator | SharedPromptCollator:
+        """The batch builder of the configured layout (needs the tokenizer, so only after `setup`)."""
+        layout = SharedPromptCollator if self.prefix_sharing else PreferenceCollator
+        return layout(pad_token_id=self.tokenizer.pad_token_id)
 
     def ranking_records(self, split: str) -> list[dict]:
         """Recommendation records of `split` ("val" or "test") for `lit_dpo.ranking.evaluate_ranking`.
@@ -256,7 +277,12 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _train_loader(self, dataset: datasets.Dataset) -> DataLoader:
         # Order depends on (seed, epoch) only, never on global RNG, and resumes mid-epoch (sampler.py).
-        self._train_sampler = ResumableBatchSampler(len(dataset), self.batch_size, seed=self.seed)
+        lengths = self.pair_lengths.get("train") if self.group_by_length else None
+        if lengths is not None and len(lengths) != len(dataset):  # a dataset swapped in after setup
+            lengths = None
+        self._train_sampler = ResumableBatchSampler(
+            len(dataset), self.batch_size, seed=self.seed, lengths=None if lengths is None else lengths.tolist()
+        )
         if self._sampler_state_to_load is not None:  # resuming: continue where the checkpoint stopped
             self._train_sampler.load_state_dict(self._sampler_state_to_load)
             self._sampler_state_to_load = None
@@ -302,7 +328,10 @@ class PreferenceDataModule(L.LightningDataModule):
         return str(path)
 
     def _load(self, key: str, path: str, splits: tuple[str, ...]) -> Source:
-        return load_source(key, path, self.columns, self.skip_invalid_rows, splits)
+        source = load_source(key, path, self.columns, self.skip_invalid_rows, splits)
+        if source.negatives > 1:
+            self.negatives[f"data.{key} {path}"] = source.negatives
+        return source
 
     def _split(self, train: Source) -> tuple[Source, Source]:
         try:
@@ -312,7 +341,10 @@ class PreferenceDataModule(L.LightningDataModule):
                 f"data.val_fraction: cannot split {len(train.dataset)} training pairs with val_fraction="
                 f"{self.val_fraction} ({err}); add pairs, change val_fraction or give data.val_path"
             ) from err
-        return Source(parts["train"], train.skipped_invalid), Source(parts["test"], 0)
+        return (
+            Source(parts["train"], train.skipped_invalid, train.negatives),
+            Source(parts["test"], 0, train.negatives),
+        )
 
     def _prepare_split(self, split: str, key: str, source: Source) -> datasets.Dataset:
         """Tokenize and fit one split, record its stats, and drop pairs that cannot fit."""
@@ -367,6 +399,7 @@ class PreferenceDataModule(L.LightningDataModule):
             "completion_tokens_max": int(kept["_completion_len"].max()),
         }
         self.stats[split] = stats
+        self.pair_lengths[split] = kept["_prompt_len"] + kept["_completion_len"]
         rank_zero_info(
             f"{split}: {stats['pairs']} pairs ({stats['dropped_too_long']} dropped as too long, "
             f"{stats['skipped_invalid']} invalid rows skipped); prompt tokens mean {stats['prompt_tokens_mean']:.1f} "
@@ -375,7 +408,8 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         if stats["identical_pairs"]:
             rank_zero_warn(
-                f"{split}: {stats['identical_pairs']} pairs have chosen == rejected; they carry no preference signal"
+                f"{split}: {stats['identical_pairs']} pairs have chosen == rejected (or == one of their rejected "
+                "answers); they carry no preference signal"
             )
         if stats["dropped_too_long"]:
             dataset = dataset.select(keep)

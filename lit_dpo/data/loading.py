@@ -54,6 +54,8 @@ class Source:
 
     dataset: datasets.Dataset
     skipped_invalid: int
+    negatives: int = 1
+    """K, the rejected answers per row (the `rejected` column holds a list of K strings when K > 1)."""
 
 
 def check_path(key: str, path: str) -> Path:
@@ -95,12 +97,14 @@ def load_source(key: str, path: str, columns: Columns, skip_invalid_rows: bool, 
         key: Config key the path came from ("train_path", "val_path", "test_path"), for messages.
         path: A .jsonl/.json/.parquet/.csv file or a `save_to_disk` directory.
         columns: Names of the prompt/chosen/rejected columns.
-        skip_invalid_rows: Drop rows with a missing, non-string or blank text field instead of raising.
+        skip_invalid_rows: Drop rows with a missing, non-string or blank text field (or another number of
+            rejected answers than the first row) instead of raising. `rejected` may hold one string or a
+            non-empty list of K strings (K rejected answers for S-DPO), the same K in every row.
         splits: For a saved DatasetDict, the split names to try in order; a dict with a single split
             uses that split. Ignored for files and saved single Datasets.
 
     Returns:
-        The dataset (all original columns kept) and the number of rows skipped as invalid.
+        The dataset (all original columns kept), the number of rows skipped as invalid, and K.
 
     Raises:
         DataError: On any problem, with a one-line message saying where and how to fix it.
@@ -129,13 +133,13 @@ def load_source(key: str, path: str, columns: Columns, skip_invalid_rows: bool, 
     _check_columns(key, where, dataset.column_names, columns)
     names = [name for _, name in columns.items()]
     rows = (row for batch in dataset.select_columns(names).iter(batch_size=1024) for row in _unbatch(batch))
-    invalid = _find_invalid(key, where, enumerate(rows, start=1), columns, skip_invalid_rows)
+    invalid, negatives = _find_invalid(key, where, enumerate(rows, start=1), columns, skip_invalid_rows)
     if invalid:
         bad = set(invalid)
         dataset = dataset.select([i for i in range(len(dataset)) if i + 1 not in bad])
     if len(dataset) == 0:
         raise DataError(_empty_message(key, where, len(invalid)))
-    return Source(dataset, len(invalid))
+    return Source(dataset, len(invalid), negatives)
 
 
 def _load_json(key: str, p: Path, columns: Columns, skip_invalid_rows: bool) -> Source:
@@ -146,7 +150,7 @@ def _load_json(key: str, p: Path, columns: Columns, skip_invalid_rows: bool) -> 
     for _, _, record in records:
         found.update(dict.fromkeys(record))
     _check_columns(key, str(p), list(found), columns)
-    invalid = _find_invalid(key, str(p), ((row, rec) for row, _, rec in records), columns, skip_invalid_rows)
+    invalid, negatives = _find_invalid(key, str(p), ((row, rec) for row, _, rec in records), columns, skip_invalid_rows)
     if len(invalid) == len(records):
         raise DataError(_empty_message(key, str(p), len(invalid)))
     if invalid:
@@ -163,7 +167,7 @@ def _load_json(key: str, p: Path, columns: Columns, skip_invalid_rows: bool) -> 
         dataset = datasets.load_dataset("json", data_files=str(load_path), split="train")
     except Exception as err:  # e.g. a non-text column whose type changes between rows
         raise DataError(f"data.{key}: could not read {p}: {_one_line(err)}") from err
-    return Source(dataset, len(invalid))
+    return Source(dataset, len(invalid), negatives)
 
 
 def _json_records(key: str, p: Path) -> Iterator[tuple[int, int, dict]]:
@@ -223,11 +227,25 @@ def _check_columns(key: str, where: str, found: list[str], columns: Columns) -> 
 
 def _find_invalid(
     key: str, where: str, rows: Iterable[tuple[int, dict]], columns: Columns, skip_invalid_rows: bool
-) -> list[int]:
-    """Row numbers with a missing, non-string or blank text field; raises on the first unless skipping."""
-    invalid = []
+) -> tuple[list[int], int]:
+    """Row numbers with a missing, non-string or blank text field, or with another number of rejected
+    answers than the first valid row; raises on the first unless skipping.
+
+    Returns:
+        The invalid row numbers and K, the number of rejected answers per row (1 for a plain string).
+    """
+    invalid, shape, first_row = [], None, 0
     for row, record in rows:
         problem = _row_problem(record, columns)
+        if problem is None:
+            found = _rejected_shape(record[columns.rejected])
+            if shape is None:
+                shape, first_row = found, row
+            elif found != shape:
+                problem = (
+                    f"'{columns.rejected}' holds {_describe(found)} but row {first_row} holds {_describe(shape)}; "
+                    "every row needs the same number of rejected answers"
+                )
         if problem is None:
             continue
         if not skip_invalid_rows:
@@ -236,7 +254,16 @@ def _find_invalid(
                 "fix the row or set data.skip_invalid_rows: true to skip such rows"
             )
         invalid.append(row)
-    return invalid
+    return invalid, 1 if shape in (None, "text") else shape
+
+
+def _rejected_shape(value: str | list) -> str | int:
+    # A string and a one-element list both mean one negative, but a file cannot mix them (one column type).
+    return "text" if isinstance(value, str) else len(value)
+
+
+def _describe(shape: str | int) -> str:
+    return "one string" if shape == "text" else f"a list of {shape}"
 
 
 def _row_problem(record: dict, columns: Columns) -> str | None:
@@ -244,6 +271,15 @@ def _row_problem(record: dict, columns: Columns) -> str | None:
         value = record.get(name)
         if value is None:
             return f"'{name}' is missing or null"
+        if name == columns.rejected and isinstance(value, list):  # K rejected answers (S-DPO)
+            if not value:
+                return f"'{name}' is an empty list"
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    return f"'{name}'[{i}] is not a string (got {type(item).__name__})"
+                if not item.strip():
+                    return f"'{name}'[{i}] is empty"
+            continue
         if not isinstance(value, str):
             return f"'{name}' is not a string (got {type(value).__name__})"
         if not value.strip():

@@ -12,7 +12,7 @@ import json
 
 from lit_dpo.data.loading import Columns
 
-TOKENIZATION_VERSION = 1  # bump when `tokenize_batch` changes, so cached tokenized datasets are not reused
+TOKENIZATION_VERSION = 2  # bump when `tokenize_batch` changes, so cached tokenized datasets are not reused
 HELPER_COLUMNS = ("_too_long", "_truncated", "_identical", "_prompt_len", "_completion_len")
 
 
@@ -21,7 +21,7 @@ def fit_prompt(prompt_ids: list[int], completion_len: int, max_prompt_length: in
 
     Args:
         prompt_ids: Prompt token ids.
-        completion_len: Tokens in the longer of the two completions (EOS included).
+        completion_len: Tokens in the longest completion of the pair (EOS included).
         max_prompt_length: Upper bound on prompt tokens kept.
         max_length: Upper bound on prompt + completion tokens.
 
@@ -37,24 +37,42 @@ def fit_prompt(prompt_ids: list[int], completion_len: int, max_prompt_length: in
 def tokenize_batch(
     batch: dict[str, list], tokenizer, columns: Columns, chat: bool, max_prompt_length: int, max_length: int
 ) -> dict[str, list]:
-    """`Dataset.map` function: token ids for prompt/chosen/rejected plus the helper columns used for stats."""
+    """`Dataset.map` function: token ids for prompt/chosen/rejected plus the helper columns used for stats.
+
+    A `rejected` value that is a list of K strings (K rejected answers, for S-DPO) becomes a list of K id
+    lists in `rejected_input_ids`; a plain string stays one id list. The prompt is fitted to the longest of
+    all answers, since each answer follows the prompt on its own in the plain layout.
+    """
     prompt_ids = encode_prompts(tokenizer, batch[columns.prompt], chat)
     chosen = encode_completions(tokenizer, batch[columns.chosen])
-    rejected = encode_completions(tokenizer, batch[columns.rejected])
+    rejected = _encode_rejected(tokenizer, batch[columns.rejected])
 
     out: dict[str, list] = {name: [] for name in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
     out.update({name: [] for name in HELPER_COLUMNS})
     for prompt, good, bad in zip(prompt_ids, chosen, rejected):
-        completion_len = max(len(good), len(bad))
+        negatives = bad if bad and isinstance(bad[0], list) else [bad]
+        completion_len = max(len(good), *(len(n) for n in negatives))
         fitted = fit_prompt(prompt, completion_len, max_prompt_length, max_length)
         out["prompt_input_ids"].append(fitted or [])
         out["chosen_input_ids"].append(good)
         out["rejected_input_ids"].append(bad)
         out["_too_long"].append(fitted is None)
         out["_truncated"].append(fitted is not None and len(fitted) < len(prompt))
-        out["_identical"].append(good == bad)
+        out["_identical"].append(any(good == n for n in negatives))
         out["_prompt_len"].append(len(fitted or []))
         out["_completion_len"].append(completion_len)
+    return out
+
+
+def _encode_rejected(tokenizer, values: list) -> list:
+    """Completion ids of each row's rejected answer, or of each of its K rejected answers (one flat call)."""
+    if not values or isinstance(values[0], str):
+        return encode_completions(tokenizer, values)
+    flat = encode_completions(tokenizer, [text for row in values for text in row])
+    out, start = [], 0
+    for row in values:
+        out.append(flat[start : start + len(row)])
+        start += len(row)
     return out
 
 
