@@ -2,7 +2,8 @@
 `python -m lit_dpo prepare movielens --source DIR --out DIR` (train/val/test JSONL from MovieLens) and
 `python -m lit_dpo report RUN_DIR [RUN_DIR ...]` (comparison table, CIs, McNemar) and
 `python -m lit_dpo export --ckpt_path CKPT --out DIR` (LoRA merged into a plain Hugging Face model) and
-`python -m lit_dpo recommend --ckpt_path CKPT --input prompts.jsonl --out recs.jsonl` (one movie per prompt)."""
+`python -m lit_dpo recommend --ckpt_path CKPT --input prompts.jsonl --out recs.jsonl` (one movie per prompt) and
+`python -m lit_dpo sweep --config CFG --grid model.beta=0.05,0.1` (ablations, tables, plots)."""
 
 import sys
 
@@ -15,6 +16,7 @@ TOOLS = {
     "report": "lit_dpo.report",
     "export": "lit_dpo.export",
     "recommend": "lit_dpo.recommend",
+    "sweep": "lit_dpo.sweep",
 }
 
 

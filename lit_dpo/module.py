@@ -56,6 +56,11 @@ def linear_warmup_then_decay(step: int, warmup_steps: int, total_steps: int) -> 
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
+def linear_warmup_then_constant(step: int, warmup_steps: int) -> float:
+    """LR multiplier: 0 → 1 over `warmup_steps`, then 1 (transformers' `get_constant_schedule_with_warmup`)."""
+    return min(1.0, step / max(1, warmup_steps)) if warmup_steps else 1.0
+
+
 def _mean_metrics() -> torch.nn.ModuleDict:
     # nan_strategy="disable": a NaN loss must reach the logs (and the divergence guard), not be dropped.
     # ModuleDict keys may not contain "/", hence the "__".
@@ -72,6 +77,7 @@ class DPOModule(L.LightningModule):
         simpo_gamma: float = 0.5,
         learning_rate: float = 5e-5,
         warmup_steps: int = 5,
+        lr_scheduler_type: Literal["linear", "constant_with_warmup"] = "linear",
         weight_decay: float = 0.0,
         finetuning: Literal["lora", "full"] = "lora",
         lora_r: int = 16,
@@ -96,6 +102,9 @@ class DPOModule(L.LightningModule):
             simpo_gamma: Target reward margin γ of the simpo loss.
             learning_rate: Peak AdamW learning rate after warm-up (guide: 1e-5 … 1e-4, 5e-5 default).
             warmup_steps: Optimizer steps of linear warm-up from 0, then linear decay to 0 at the end.
+            lr_scheduler_type: After warm-up, `linear` decays to 0 at the last step (TRL's default);
+                `constant_with_warmup` holds the peak LR, so an N-epoch run's first epochs equal any
+                shorter run's (what lets a sweep reuse per-epoch checkpoints exactly).
             weight_decay: AdamW decoupled weight decay.
             finetuning: `lora` trains adapters (reference = adapters off); `full` trains every weight
                 against a frozen copy.
@@ -334,7 +343,10 @@ class DPOModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
-        schedule = partial(linear_warmup_then_decay, warmup_steps=self.hparams.warmup_steps, total_steps=total)
+        if self.hparams.get("lr_scheduler_type", "linear") == "constant_with_warmup":
+            schedule = partial(linear_warmup_then_constant, warmup_steps=self.hparams.warmup_steps)
+        else:
+            schedule = partial(linear_warmup_then_decay, warmup_steps=self.hparams.warmup_steps, total_steps=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -2,6 +2,7 @@
 
 from lit_dpo.callbacks.diagnosis import Diagnosis
 from lit_dpo.callbacks.divergence import DivergenceGuard
+from lit_dpo.callbacks.epoch_checkpoints import EpochCheckpoints
 from lit_dpo.callbacks.findings import Finding
 from lit_dpo.callbacks.memory_guard import MemoryGuard
 from lit_dpo.callbacks.oscillation import OscillationDetector
@@ -12,6 +13,7 @@ from lit_dpo.callbacks.summary import RunSummary
 __all__ = [
     "Diagnosis",
     "DivergenceGuard",
+    "EpochCheckpoints",
     "Finding",
     "MemoryGuard",
     "OscillationDetector",

@@ -1,7 +1,8 @@
 """Diagnosis: the end-of-run report of what the watching callbacks saw and what to change next.
 
 Whatever way `fit` ends (all epochs done, plateau stop, a guard's stop, or a crash such as an OOM),
-this writes `diagnosis.md` beside the run's TensorBoard logs and prints it: which of the guide's rules
+this writes `diagnosis.md` (and the same facts as `diagnosis.json`, for tools such as
+`lit_dpo sweep`) beside the run's TensorBoard logs and prints it: which of the guide's rules
 were checked and which fired, the recommended next config changes, peak memory and throughput.
 The watchers (plateau, oscillation, divergence, memory) only report `Finding`s; the wording of
 the report lives here.
@@ -9,9 +10,11 @@ the report lives here.
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -26,10 +29,11 @@ _STATUS = {"ok": "ok", "advice": "advice", "action": "acted", "stop": "stopped t
 
 
 class Diagnosis(L.Callback):
-    """Write and print `diagnosis.md` at the end of every fit.
+    """Write and print `diagnosis.md` (plus `diagnosis.json`) at the end of every fit.
 
     Args:
-        filename: Report file name, written into the run's log directory.
+        filename: Report file name, written into the run's log directory; the JSON twin takes its
+            stem with `.json`.
         print_report: Also print the report to the console.
     """
 
@@ -59,16 +63,19 @@ class Diagnosis(L.Callback):
             return
         self._written = True
         findings = [f for cb in trainer.callbacks if isinstance(cb, ReportsFindings) for f in cb.findings()]
-        text = render(
-            ending=describe_ending(trainer, findings, exception),
-            findings=findings,
-            metrics={k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
-            peak_memory_gb=peak_memory_gb(),
-            minutes=(time.monotonic() - self._started) / 60,
-        )
+        facts = {
+            "ending": describe_ending(trainer, findings, exception),
+            "findings": findings,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+            "peak_memory_gb": peak_memory_gb(),
+            "minutes": (time.monotonic() - self._started) / 60,
+        }
+        text = render(**facts)
         path = Path(run_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+        facts.update(findings=[asdict(f) for f in findings], crashed=exception is not None)
+        path.with_suffix(".json").write_text(json.dumps(facts, indent=2))
         if self.print_report:
             print(f"\n{text}\n(saved to {path})", file=sys.stdout, flush=True)
 
