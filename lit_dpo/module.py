@@ -370,7 +370,9 @@ class DPOModule(L.LightningModule):
             self.epoch_metrics.load_state_dict(own["epoch_metrics"])
         # epochs the loaded weights were trained for (test reports it; the config may say more or fewer)
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
-        self.checkpoint_epochs = progress.get("current", {}).get("completed")
+        # epochs started: an end-of-fit checkpoint is written before Lightning counts its last epoch as
+        # processed/completed; a mid-epoch checkpoint counts its partial epoch
+        self.checkpoint_epochs = progress.get("current", {}).get("started")
         resume_state.rescale_learning_rate(checkpoint, self.hparams.learning_rate)
 
 

@@ -107,7 +107,7 @@ class RankingEvaluation(L.Callback):
             loss_type=hp.get("loss_type"),
             beta=hp.get("beta"),
             learning_rate=hp.get("learning_rate"),
-            epochs=getattr(pl_module, "checkpoint_epochs", None) or trainer.max_epochs,
+            epochs=trainer.max_epochs if getattr(pl_module, "checkpoint_epochs", None) is None else pl_module.checkpoint_epochs,
         )
         m = results["metrics"]
         lines = [f"Ranking on {len(results['per_prompt']['prompt_ids'])} test prompts ({results['headline']}):"]
