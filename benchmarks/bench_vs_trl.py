@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def prepare_model(args: argparse.Namespace, work: Path) -> str:
     """The model both sides load: the embedded SmolLM2 as an HF directory, or a tiny random Llama (--quick)."""
     if not args.quick:
-        from lit_dpo.models import resolve_model_path
+        from lit_dpo.models.sources import resolve_model_path
 
         return resolve_model_path(EMBEDDED_MODEL)
     from tests.conftest import build_tiny_llama, build_tiny_tokenizer  # the test suite's no-download model
@@ -104,7 +104,8 @@ def prepare_model(args: argparse.Namespace, work: Path) -> str:
 
 def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     """The project's synthetic pairs as JSONL: `num_pairs` for training, then VAL_PAIRS for validation."""
-    from lit_dpo.data.synthetic import generate_pairs, write_jsonl
+    from lit_dpo.data.synthetic import generate_pairs
+    from lit_dpo.files import write_jsonl
 
     records = generate_pairs(args.num_pairs + VAL_PAIRS, seed=0, history_len=args.history_len,
                              num_candidates=args.num_candidates)  # fmt: skip

@@ -1,10 +1,15 @@
-"""Rebuilding a trained `DPOModule` from a `.ckpt` outside Lightning (`export`, `recommend`).
+"""A trained `DPOModule` outside Lightning: rebuilt from its `.ckpt` (`recommend`) and exported as a plain
+Hugging Face model (`export`).
 
 Checkpoints hold only the trainable weights (the LoRA adapters, see `DPOModule.on_save_checkpoint`)
 plus the module's init arguments, so the module is rebuilt from those arguments (the base model is
 reloaded from `model_name_or_path`) and the trained weights are loaded on top, with every trainable
 weight accounted for: a checkpoint that does not fit its own settings is an error, never a silently
 half-loaded model.
+
+Exporting folds the adapters into the base weights (`merge_and_unload`, W' = W + (alpha / r) · B A) and
+saves an ordinary safetensors directory with its tokenizer, which `AutoModelForCausalLM.from_pretrained`,
+vLLM or llama.cpp's converter read directly: evaluation and serving need neither peft nor this package.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from pathlib import Path
 import torch
 
 from lit_dpo.errors import UserInputError
+from lit_dpo.files import atomic_path, read_checkpoint
+from lit_dpo.models.loading import DTYPES, is_lora
+from lit_dpo.models.sources import load_tokenizer
 from lit_dpo.module import DPOModule
 
 log = logging.getLogger(__name__)
@@ -46,22 +54,13 @@ def load_trained_module(ckpt_path: str | Path, *, command: str, quantized: bool 
 
 
 def _read(ckpt_path: Path, command: str) -> dict:
-    if not ckpt_path.is_file():
-        raise CheckpointError(
-            f"{command} --ckpt_path: not found: {ckpt_path} (give a .ckpt from a fit run, e.g. "
-            "tb_logs/<name>/version_0/checkpoints/last.ckpt)"
-        )
-    try:
-        # weights_only: the checkpoint holds tensors and plain values only, and unpickling code is not needed
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a readable checkpoint"
-        raise CheckpointError(f"{command} --ckpt_path: {ckpt_path} is not a readable checkpoint ({type(error).__name__})") from error
-    if not isinstance(checkpoint, dict) or not {"hyper_parameters", "state_dict"} <= checkpoint.keys():
-        raise CheckpointError(
-            f"{command} --ckpt_path: {ckpt_path} has no hyper_parameters/state_dict; give a checkpoint written by "
-            "python -m lit_dpo fit"
-        )
-    return checkpoint
+    return read_checkpoint(
+        ckpt_path,
+        option=f"{command} --ckpt_path",
+        required=("hyper_parameters", "state_dict"),
+        hint="give a .ckpt from a fit run, e.g. tb_logs/<name>/version_0/checkpoints/last.ckpt",
+        error=CheckpointError,
+    )
 
 
 def _module_from_hparams(hparams: dict, ckpt_path: Path, quantized: bool) -> DPOModule:
@@ -93,3 +92,49 @@ def _load_trained_weights(module: DPOModule, state_dict: dict[str, torch.Tensor]
         first, count = (unknown[0], len(unknown)) if unknown else (missing[0], len(missing))
         what = "keys the model does not have" if unknown else "trainable weights missing from the checkpoint"
         raise CheckpointError(f"{command} --ckpt_path: {ckpt_path}: {count} {what} (first: {first}); {hint}")
+
+
+class ExportError(CheckpointError):
+    """A checkpoint or output directory that cannot be exported; the message says how to fix it."""
+
+
+def export_checkpoint(
+    ckpt_path: str | Path, out: str | Path, *, dtype: str | None = None, overwrite: bool = False
+) -> Path:
+    """Merge a checkpoint's trained weights into its base model and save it as a HF directory.
+
+    Args:
+        ckpt_path: A `.ckpt` written by `python -m lit_dpo fit` (LoRA or `finetuning: full`).
+        out: Directory to write `config.json`, `model.safetensors` and the tokenizer files into.
+        dtype: Weight dtype of the saved model (float32, bfloat16, float16); None keeps the
+            training dtype. The merge itself always runs in the training dtype.
+        overwrite: Replace `out` when it exists and is not empty.
+
+    Returns:
+        The output directory.
+
+    Raises:
+        ExportError: Missing or foreign checkpoint, adapter keys that do not match the model the
+            checkpoint's settings build, an unknown dtype, or a non-empty `out` without `overwrite`.
+    """
+    ckpt_path, out = Path(ckpt_path).expanduser(), Path(out).expanduser()
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"export --dtype: unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"export --out: {out} exists and is not empty; choose another directory or pass --overwrite")
+    # Merging adds B A to W; a 4-/8-bit W cannot hold the sum, so the base is loaded unquantized.
+    module = load_trained_module(ckpt_path, command="export", quantized=False)
+    # only the trained adapter; a frozen `reference` adapter (init_adapter runs) is dropped, not merged
+    model = module.policy.merge_and_unload(adapter_names=["default"]) if is_lora(module.policy) else module.policy
+    model.eval()
+    model.config.use_cache = True  # training turned the KV cache off; generation wants it back
+    if dtype is not None:
+        model.to(DTYPES[dtype])
+        model.config.dtype = DTYPES[dtype]
+    tokenizer = load_tokenizer(module.hparams.model_name_or_path, trust_remote_code=module.hparams.trust_remote_code)
+    # A failed export never leaves a half-written model, and overwriting never keeps stale shards from a
+    # previous export next to the new ones.
+    with atomic_path(out, directory=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out

@@ -1,8 +1,8 @@
 """DPOModule: the policy, its reference and a preference loss as one LightningModule.
 
-Each step runs the chosen and the K rejected answers through one forward (`lit_dpo.data.collate`, or
-one row per prompt with `lit_dpo.data.shared_prompt`), once for the reference (adapters off, no grad)
-and once for the policy, then applies the loss chosen by `loss_type` from `lit_dpo.losses`. Metrics are
+Each step scores the chosen and the K rejected answers in one forward (`lit_dpo.forward`, either batch
+layout), once for the reference (adapters off, no grad; or precomputed, `lit_dpo.reference_cache`) and
+once for the policy, then applies the loss chosen by `loss_type` from `lit_dpo.losses`. Metrics are
 torchmetrics means weighted by pairs, so a logged step value covers the whole gradient-accumulation
 window and every process, as if the effective batch had been one forward.
 """
@@ -17,18 +17,16 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 from typing_extensions import override
 
-from lit_dpo import losses, reference_cache, resume_state
-from lit_dpo.adapters import read_adapter
-from lit_dpo.data.shared_prompt import SHARED_KEY, to_plain_layout
+from lit_dpo import forward, losses, resume_state
+from lit_dpo.data.collate import REFERENCE_KEY
 from lit_dpo.errors import ConfigError
-from lit_dpo.models import Quantization, check_model_path, load_policy, reference_mode
-from lit_dpo.shared_forward import attention_backend, custom_mask_kind, shared_answer_logps
+from lit_dpo.models.adapters import read_adapter
+from lit_dpo.models.loading import DTYPES, Quantization, load_policy, reference_mode
+from lit_dpo.models.sources import check_model_path
 
 # Names as in TRL (see shared/reference/losses.md), so curves compare directly.
 METRIC_NAMES = (
@@ -43,7 +41,6 @@ METRIC_NAMES = (
 # Lightning suggests sync_dist=True for epoch-level logs under DDP; these values come from torchmetrics
 # metrics, which already reduce over every process in compute(), so a second reduction would add nothing.
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(train|val|test|rewards)/")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def linear_warmup_then_decay(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -119,10 +116,12 @@ class DPOModule(L.LightningModule):
             trust_remote_code: Allow model code from the checkpoint's repository to run.
             init_adapter: Start from an SFT adapter and use it as the reference (S-DPO's recipe): the
                 last.ckpt of a LoRA SFT run or a PEFT adapter directory; None starts from the base model.
-            precompute_reference: Compute the reference log-probs of every pair once before the run (fit:
-                train and val) and cache them next to the tokenized data, reused by every epoch, resume,
-                later run and validate/test on the same data and model, instead of a reference forward per
-                step. Exact (the reference never changes); see `lit_dpo.reference_cache`.
+            precompute_reference: Compute the reference log-probs of every pair once, when the loaders are
+                built (fit: train and val), and cache them next to the tokenized data, reused by every epoch,
+                resume, later run and validate/test on the same data and model, instead of a reference
+                forward per step. Exact (the reference never changes); see `lit_dpo.reference_cache`. The
+                CLI connects it to the data module; in your own script call
+                `datamodule.connect(reference_logps=ReferenceLogps(module))`.
         """
         super().__init__()
         _validate(loss_type, beta, label_smoothing, learning_rate, warmup_steps, lora_r)
@@ -142,7 +141,7 @@ class DPOModule(L.LightningModule):
         self.tokens_seen = SumMetric()
         self._window_start = time.perf_counter()
         self._rng_to_restore: dict | None = None
-        self._warned_plain_fallback = False
+        self._epochs_started = 0  # epochs whose training began, this run and the resumed ones
         self.checkpoint_epochs: int | None = None  # set when weights come from a checkpoint
 
     @override
@@ -150,7 +149,10 @@ class DPOModule(L.LightningModule):
         if self.policy is not None:  # Lightning may call this more than once
             return
         hp = self.hparams
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        try:  # the target device matters for 4-bit weights, which bitsandbytes quantizes as they move there
+            device = self.trainer.strategy.root_device
+        except RuntimeError:  # not attached to a Trainer (export, recommend, tests)
+            device = None
         self.policy, self.reference = load_policy(
             hp.model_name_or_path,
             finetuning=hp.finetuning,
@@ -159,7 +161,7 @@ class DPOModule(L.LightningModule):
             lora_dropout=hp.lora_dropout,
             lora_target_modules=hp.lora_target_modules,
             quantization=hp.quantization,
-            dtype=_DTYPES[hp.dtype],
+            dtype=DTYPES[hp.dtype],
             gradient_checkpointing=hp.gradient_checkpointing,
             trust_remote_code=hp.trust_remote_code,
             attn_implementation=hp.attn_implementation,
@@ -167,76 +169,24 @@ class DPOModule(L.LightningModule):
             init_adapter=hp.init_adapter,
         )
 
-    # ------------------------------------------------------------------- precomputed reference
     @override
     def setup(self, stage: str) -> None:
         # The data module has read its files by now (the CLI sets it up first): fail before any step
         # when the data has K > 1 rejected answers that the chosen loss cannot use.
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        for where, count in getattr(datamodule, "negatives", {}).items():
+        for where, count in getattr(self.trainer.datamodule, "negatives", {}).items():
             _check_negatives(self.hparams.loss_type, count, where)
-        # Reference log-probs here, not in on_fit_start: the trainer may build the train loader before that
-        # (configure_optimizers asks for estimated_stepping_batches), and validate/test build theirs before
-        # any later hook.
-        if not self.hparams.precompute_reference:
-            return
-        strategy = self.trainer.strategy
-        # the model is built early, the way Lightning's own configure_model call builds it (then a no-op)
-        precision = self.trainer.precision_plugin
-        with strategy.tensor_init_context(), strategy.model_sharded_context(), precision.module_init_context():
-            self.configure_model()
-        self.to(strategy.root_device)  # where strategy.setup would move it next
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[stage]
-        reference_cache.attach_to_datamodule(self, splits)
 
     # ----------------------------------------------------------------------------------- forward
-    def completion_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed completion log-probs and token counts, both [rows], for a plain (concatenated) batch.
-
-        The LM head runs only where a completion token is predicted: the prompt's logits would be
-        thrown away, and the vocabulary projection is the largest matmul per token.
-        """
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        targets = batch["labels"][:, 1:]
-        predicts = targets != -100  # hidden state at t predicts token t + 1
-        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][predicts]).float()
-        softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-        if softcap:  # Gemma-2 style models squash logits before the softmax
-            logits = torch.tanh(logits / softcap) * softcap
-        token_logps = -F.cross_entropy(logits, targets[predicts], reduction="none")
-        rows = predicts.nonzero()[:, 0]
-        summed = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-        return summed.index_add(0, rows, token_logps), predicts.sum(dim=1)
-
     def answer_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs and token counts of every answer, both [B, A]: column 0 the chosen answer,
-        columns 1..A-1 the rejected ones (A = 1 + K negatives).
-
-        The plain layout stacks answers as row blocks (B chosen rows, then B rows per rejected answer); the
-        shared-prompt layout (`lit_dpo.data.shared_prompt`) packs one row per prompt. Both give the same
-        numbers; a backend that cannot take the shared layout's custom mask gets the plain one.
-        """
-        if SHARED_KEY in batch:
-            if custom_mask_kind(model) is not None:
-                return shared_answer_logps(model, batch)
-            if not self._warned_plain_fallback:
-                rank_zero_warn(
-                    f"attn_implementation '{attention_backend(model)}' cannot take the shared-prompt layout's "
-                    "custom 4D mask; scoring with the plain layout instead (set data.prefix_sharing: false, or "
-                    "model.attn_implementation: sdpa, to silence this)"
-                )
-                self._warned_plain_fallback = True
-            batch = to_plain_layout(batch)
-        summed, tokens = self.completion_logps(model, batch)
-        pairs = batch["prompt_count"] if "prompt_count" in batch else summed.shape[0] // 2
-        return summed.view(-1, pairs).T, tokens.view(-1, pairs).T
+        columns 1..A-1 the rejected ones (A = 1 + K negatives); `lit_dpo.forward.answer_logps`."""
+        return forward.answer_logps(model, batch)
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Reference log-probs [B, A]: precomputed ones when the batch carries them, else a no-grad
         forward of the reference (adapters off under LoRA, the frozen copy under full fine-tuning)."""
-        if "reference_logps" in batch:
-            return batch["reference_logps"]
+        if REFERENCE_KEY in batch:
+            return batch[REFERENCE_KEY]
         with torch.no_grad():
             if self.reference is not None:
                 return self.answer_logps(self.reference, batch)[0]
@@ -281,6 +231,10 @@ class DPOModule(L.LightningModule):
     @override
     def on_train_start(self) -> None:
         self._window_start = time.perf_counter()
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._epochs_started = self.current_epoch + 1
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -357,6 +311,7 @@ class DPOModule(L.LightningModule):
         # the running epoch means, so an epoch interrupted and resumed still reports its whole mean
         local = {"epoch_metrics": self.epoch_metrics.state_dict(), "rng_state": resume_state.get_rng_state()}
         checkpoint.update(local)  # process 0's, the whole state of a single-process run
+        checkpoint[EPOCHS_STARTED] = self._epochs_started
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():
             # Both are per process (own dropout draws, own share of the epoch): keep every process's.
             # Every process runs this hook (Trainer.save_checkpoint), so the collective is safe.
@@ -368,15 +323,21 @@ class DPOModule(L.LightningModule):
         self._rng_to_restore = own.get("rng_state")
         if "epoch_metrics" in own:
             self.epoch_metrics.load_state_dict(own["epoch_metrics"])
-        # epochs the loaded weights were trained for (test reports it; the config may say more or fewer)
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
-        # epochs started: an end-of-fit checkpoint is written before Lightning counts its last epoch as
-        # processed/completed; a mid-epoch checkpoint counts its partial epoch
-        self.checkpoint_epochs = progress.get("current", {}).get("started")
+        # Epochs the loaded weights were trained for (test reports it; the config may say more or fewer),
+        # counting a partial epoch. Checkpoints from before this key: Lightning's `epoch` is the 0-based
+        # epoch the checkpoint was written in (an end-of-fit one too: it is written before the last
+        # epoch counts as completed).
+        started = checkpoint.get(EPOCHS_STARTED)
+        if started is None and isinstance(checkpoint.get("epoch"), int):
+            started = checkpoint["epoch"] + 1
+        self._epochs_started = self.checkpoint_epochs = started
         resume_state.rescale_learning_rate(checkpoint, self.hparams.learning_rate)
 
 
 # --------------------------------------------------------------------------------------- helpers
+EPOCHS_STARTED = "lit_dpo_epochs_started"  # checkpoint key: epochs whose training began, a partial one included
+
+
 def _validate(loss_type: str, beta: float, label_smoothing: float, learning_rate: float, warmup_steps: int, lora_r: int) -> None:
     if loss_type not in losses.LOSS_TYPES:
         raise ConfigError(f"model.loss_type: unknown loss '{loss_type}'; choose one of: {', '.join(losses.LOSS_TYPES)}")

@@ -5,32 +5,30 @@ fine-tuning: a frozen copy), yet a plain DPO step recomputes its log-probs for e
 epoch. Computing them once was worth 1.3–1.4× on SmolLM2 (shared/reference/performance.md).
 
 How it fits together:
-- `DPOModule.setup` (every stage: fit → train and val splits, validate → val, test/predict → test)
-  builds the model the way Lightning's own `configure_model` call would, moves it to the root device
-  and calls `attach_to_datamodule`. No later hook will do: Lightning builds the train loader while
-  configuring optimizers (`estimated_stepping_batches`), before `on_fit_start`, and the loaders of
-  validate/test before their first hook. The reference does not depend on anything restored from a
-  checkpoint (only trainable weights are checkpointed), so computing before the restore is exact.
+- The CLI connects the data module with a `ReferenceLogps` of the module
+  (`PreferenceDataModule.connect(reference_logps=...)`). When Lightning asks the data module for a
+  loader, the data module calls it with the split's tokenized rows and their fingerprint and attaches
+  the result as a `reference_logps` column ([A] per row: chosen, then each rejected answer);
+  `PreferenceCollator` stacks it into a [B, A] tensor, which `DPOModule.reference_logps` returns instead
+  of running the reference. Loaders are built after Lightning's `configure_model` and strategy set-up,
+  so the model is built and on its device; the reference depends on nothing restored from a checkpoint
+  (only trainable weights are checkpointed), so computing before the restore is exact.
 - The values come from `DPOModule.reference_logps` (the path the live reference takes) in eval mode,
-  without grad, under the trainer's precision context, on batches of `eval_batch_size` pairs built by
-  the data module's own collator. They become a float column `reference_logps` ([A] per row: chosen,
-  then each rejected answer); `PreferenceCollator` stacks it into a [B, A] tensor, which
-  `DPOModule.reference_logps` returns instead of running the reference.
+  without grad, under the trainer's precision context, on batches built by the data module's collator.
 - Cache file `reference_logps-<digest>.pt` lies next to the dataset's Arrow cache files (in-memory
   datasets: `cache_root()/reference_logps`). The digest covers everything that changes the values
   (`cache_key`), so a changed setting names a different file and stale values are never read.
 - DDP: ranks agree on hit or miss (`reduce_boolean_decision`), so they either all load or all
   compute; each computes a strided shard and `all_gather` reassembles, so every rank ends with the
-  same column; rank 0 writes the file. With one process both calls are no-ops.
+  same values; rank 0 writes the file. With one process both calls are no-ops.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,71 +38,62 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, ran
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader
 
-from lit_dpo.data.collate import REFERENCE_KEY
-from lit_dpo.models import cache_root, resolve_model_path
+from lit_dpo.files import atomic_path, cache_root
+from lit_dpo.models.sources import resolve_model_path
 
-COLUMN = REFERENCE_KEY  # the batch key DPOModule.reference_logps looks for
 CACHE_FORMAT_VERSION = 1  # bump when the values for the same key would change (e.g. a new log-prob path)
-# attached dataset fingerprint -> fingerprint of the same rows without the column (this process only)
-_PLAIN_FINGERPRINTS: dict[str, str] = {}
 
 
-def attach_to_datamodule(module: Any, splits: tuple[str, ...]) -> None:
-    """Give the data module's `<split>_dataset`s a `reference_logps` column, from the cache or computed.
+class ReferenceLogps:
+    """The reference log-probs of a data module's rows, for `PreferenceDataModule.connect`.
 
     Args:
-        module: The DPOModule, attached to a trainer, its model built and on the root device.
-        splits: Data module splits, e.g. ("train", "val") for fit, ("test",) for test.
+        module: The DPOModule whose reference is scored; attached to a trainer when called.
     """
-    trainer = module.trainer
-    datamodule = trainer.datamodule
-    if datamodule is None or not hasattr(datamodule, "collator"):
-        rank_zero_info("reference log-probs: no PreferenceDataModule attached; the reference runs every step")
-        return
-    if trainer.precision_plugin.convert_input(torch.zeros(1)).dtype != torch.float32:
-        rank_zero_warn(
-            f"reference log-probs: trainer.precision={trainer.precision} converts the weights and every float in "
-            "a batch to another dtype; cached values would not match, so the reference runs every step instead"
-        )
-        return
-    for split in splits:
-        dataset = getattr(datamodule, f"{split}_dataset", None)
-        if dataset is not None and len(dataset) > 0:
-            attached = attach(module, dataset, split, datamodule.collator, datamodule.eval_batch_size)
-            setattr(datamodule, f"{split}_dataset", attached)
 
+    def __init__(self, module: Any) -> None:
+        self.module = module
 
-def attach(module: Any, dataset: datasets.Dataset, split: str, collator, batch_size: int) -> datasets.Dataset:
-    """`dataset` with a `reference_logps` column [A] per row (its plain rows' values), loaded or computed."""
-    trainer = module.trainer
-    plain_fingerprint = _PLAIN_FINGERPRINTS.get(dataset._fingerprint, dataset._fingerprint)
-    key = cache_key(plain_fingerprint, module.hparams, str(trainer.precision))
-    digest = key_digest(key)
-    attached_fingerprint = hashlib.sha256(f"{plain_fingerprint}|{digest}".encode()).hexdigest()[:32]
-    if dataset._fingerprint == attached_fingerprint:
-        return dataset  # already attached in this process under the same key
-    plain = dataset.remove_columns(COLUMN) if COLUMN in dataset.column_names else dataset
-    path = cache_path(plain, digest)
+    def __call__(self, split: str, dataset: datasets.Dataset, fingerprint: str, collator: Callable,
+                 batch_size: int) -> torch.Tensor | None:
+        """[N, A] reference log-probs of `dataset`'s rows, loaded from the cache or computed (and cached).
 
-    started = time.perf_counter()
-    logps = load(path, key, len(plain))
-    if not trainer.strategy.reduce_boolean_decision(logps is not None, all=True):
+        Args:
+            split: "train", "val" or "test", for the log line.
+            dataset: Tokenized rows, as the data module's loaders serve them.
+            fingerprint: What identifies those rows (`PreferenceDataModule.fingerprints`).
+            collator: The data module's batch builder (the layout in use).
+            batch_size: Pairs per forward pass.
+
+        Returns:
+            The values, or None when they would not match what a live reference computes (half-precision
+            weights), after a warning: the reference then runs every step.
+        """
+        trainer = self.module.trainer
+        if trainer.precision_plugin.convert_input(torch.zeros(1)).dtype != torch.float32:
+            rank_zero_warn(
+                f"reference log-probs: trainer.precision={trainer.precision} converts the weights and every float "
+                "in a batch to another dtype; cached values would not match, so the reference runs every step instead"
+            )
+            return None
+        key = cache_key(fingerprint, self.module.hparams, str(trainer.precision))
+        path = cache_path(dataset, key_digest(key))
+        started = time.perf_counter()
+        logps = load(path, key, len(dataset))
+        if trainer.strategy.reduce_boolean_decision(logps is not None, all=True):
+            rank_zero_info(f"reference log-probs ({split}, {len(dataset)} pairs): loaded from cache {path}")
+            return logps
         # a cache hit draws no random numbers, so a miss must not either (the DataLoader draws a seed):
         # otherwise dropout masks after a computing run differ from those after a loading one
         with isolate_rng():
-            logps = compute_reference_logps(module, plain, collator, batch_size)
+            logps = compute_reference_logps(self.module, dataset, collator, batch_size)
         if trainer.is_global_zero:
             save(path, key, logps)
         rank_zero_info(
-            f"reference log-probs ({split}, {len(plain)} pairs): computed in {time.perf_counter() - started:.1f} s, "
+            f"reference log-probs ({split}, {len(dataset)} pairs): computed in {time.perf_counter() - started:.1f} s, "
             f"cached at {path}"
         )
-    else:
-        rank_zero_info(f"reference log-probs ({split}, {len(plain)} pairs): loaded from cache {path}")
-    # float64 holds every float32 exactly; the collator turns the column back into float32
-    attached = plain.add_column(COLUMN, logps.double().tolist(), new_fingerprint=attached_fingerprint)
-    _PLAIN_FINGERPRINTS[attached_fingerprint] = plain_fingerprint
-    return attached
+        return logps
 
 
 # ------------------------------------------------------------------------------------ computing
@@ -125,7 +114,6 @@ def compute_reference_logps(module: Any, dataset: datasets.Dataset, collator, ba
         parts = []
         with trainer.precision_plugin.forward_context():
             for batch in loader:
-                batch = {k: v for k, v in batch.items() if k != COLUMN}
                 batch = move_data_to_device(batch, trainer.strategy.root_device)
                 parts.append(module.reference_logps(batch).float())
     finally:
@@ -154,7 +142,7 @@ def cache_key(dataset_fingerprint: str, hparams: Any, precision: str) -> dict:
     """Everything that changes the reference log-probs of a dataset's rows.
 
     Args:
-        dataset_fingerprint: `_fingerprint` of the tokenized dataset (source rows, tokenizer, lengths).
+        dataset_fingerprint: What identifies the tokenized rows (source rows, tokenizer, lengths).
         hparams: DPOModule hyper-parameters (model, dtype, quantization, finetuning, init_adapter...).
         precision: `trainer.precision` (autocast changes the numbers).
     """
@@ -233,13 +221,6 @@ def load(path: Path, key: dict, num_rows: int) -> torch.Tensor | None:
 
 
 def save(path: Path, key: dict, logps: torch.Tensor) -> None:
-    """Write atomically (temporary file + rename): a killed run never leaves a half-written cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.close(handle)
-    try:
+    """Write atomically: a killed run never leaves a half-written cache."""
+    with atomic_path(path) as tmp:
         torch.save({"key": json.dumps(key, sort_keys=True), "logps": logps.contiguous()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

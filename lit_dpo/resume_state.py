@@ -57,6 +57,7 @@ def rescale_learning_rate(checkpoint: dict, new_lr: float) -> None:
                 if key in group:
                     group[key] *= ratio
     for scheduler in checkpoint.get("lr_schedulers", []):
-        for key in ("base_lrs", "_last_lr"):
-            if key in scheduler:
-                scheduler[key] = [lr * ratio for lr in scheduler[key]]
+        # base_lrs: what LambdaLR multiplies by the schedule at every step, so the next step's LR is rescaled
+        # (get_last_lr() reports the rescaled value from that step on)
+        if "base_lrs" in scheduler:
+            scheduler["base_lrs"] = [lr * ratio for lr in scheduler["base_lrs"]]

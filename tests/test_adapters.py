@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lit_dpo.adapters import AdapterError
-from lit_dpo.models import ModelLoadError
+from lit_dpo.models.adapters import AdapterError
+from lit_dpo.models.sources import ModelLoadError
 from lit_dpo.module import DPOModule
 from tests.test_module import make_batch, make_module
 

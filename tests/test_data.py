@@ -11,10 +11,11 @@ import datasets
 import pytest
 import torch
 
-import lit_dpo.data.datamodule as datamodule_module
-from lit_dpo.data import DataError, PreferenceCollator, PreferenceDataModule, generate_pairs, write_jsonl
+import lit_dpo.data.tokenize as tokenize_module
+from lit_dpo.data import DataError, PreferenceCollator, PreferenceDataModule, generate_pairs
 from lit_dpo.data.tokenize import fit_prompt
 from lit_dpo.data.synthetic import GENRE_KEYWORDS, build_catalogue
+from lit_dpo.files import write_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -380,7 +381,7 @@ def test_second_setup_reads_tokenization_cache(tmp_path, tiny_model_dir, monkeyp
     def must_not_run(*args, **kwargs):
         raise AssertionError("tokenization ran again instead of reading the cache")
 
-    monkeypatch.setattr(datamodule_module, "tokenize_batch", must_not_run)
+    monkeypatch.setattr(tokenize_module, "tokenize_batch", must_not_run)
     second = make_dm(tiny_model_dir, path)
     assert second.train_dataset.cache_files == first.train_dataset.cache_files
     assert second.train_dataset["prompt_input_ids"] == first.train_dataset["prompt_input_ids"]

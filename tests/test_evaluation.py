@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lit_dpo.errors import UserInputError
-from lit_dpo.evaluation import (
+from lit_dpo.rec.metrics import (
     candidate_scores,
     generation_metrics,
     parse_answer,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lit_dpo.errors import UserInputError
-from lit_dpo.export import export_checkpoint, main
+from lit_dpo.checkpoints import export_checkpoint
+from lit_dpo.commands import main
 from test_training import run_cli, write_pairs
 
 SEQUENCES = [[1, 5, 9, 40, 77, 2], [3, 3, 100, 250, 12, 8], [1, 200, 300, 399, 0, 17]]
@@ -101,7 +102,7 @@ def test_quantized_run_merges_into_unquantized_weights(trained, tmp_path, caplog
     checkpoint["hyper_parameters"]["quantization"] = "nf4"
     quantized = tmp_path / "quantized.ckpt"
     torch.save(checkpoint, quantized)
-    with caplog.at_level("WARNING", logger="lit_dpo.export"):
+    with caplog.at_level("WARNING", logger="lit_dpo.checkpoints"):
         export_checkpoint(quantized, tmp_path / "q")
     assert "quantization=nf4" in caplog.text
     assert (tmp_path / "q" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

@@ -28,7 +28,6 @@ from lit_dpo.losses import (
     PreferenceLogps,
     preference_loss,
     reward_metrics,
-    sequence_logps,
 )
 
 SP_NEG_02 = 0.5981388693815918  # sp(-0.2) = -log σ(0.2)
@@ -236,41 +235,6 @@ def test_reward_metrics_hand_example():
     for key, value in expected.items():
         assert not m[key].requires_grad and m[key].dtype == torch.float32, key
         assert_close(m[key], torch.tensor(value), atol=1e-6, rtol=1e-6)
-
-
-# --- sequence_logps -------------------------------------------------------------------------------------
-
-
-def test_sequence_logps_matches_hand_loop_and_masks():
-    g = torch.Generator().manual_seed(0)
-    n, t, v = 3, 6, 11
-    logits = torch.randn(n, t, v, generator=g)
-    labels = torch.randint(0, v, (n, t), generator=g)
-    labels[0, :3] = -100  # prompt
-    labels[1, 4:] = -100  # padding
-    labels[2, :] = -100  # nothing to score
-    logps, counts = sequence_logps(logits, labels)
-
-    expected_logps, expected_counts = torch.zeros(n), torch.zeros(n, dtype=torch.long)
-    for i in range(n):
-        for pos in range(1, t):  # label at pos is predicted by the logits at pos - 1
-            if labels[i, pos] != -100:
-                expected_logps[i] += torch.log_softmax(logits[i, pos - 1], dim=-1)[labels[i, pos]]
-                expected_counts[i] += 1
-    assert_close(logps, expected_logps)
-    assert torch.equal(counts, expected_counts)
-    assert counts.tolist() == [3, 3, 0]  # first label is never scored (nothing predicts it)
-    assert logps[2].item() == 0.0
-
-
-def test_sequence_logps_upcasts_and_respects_ignore_index():
-    logits = torch.randn(2, 5, 7).to(torch.bfloat16)
-    labels = torch.tensor([[0, 1, 2, 3, 4], [-1, -1, 5, 6, -1]])
-    logps, counts = sequence_logps(logits, labels, ignore_index=-1)
-    assert logps.dtype == torch.float32
-    assert counts.tolist() == [4, 2]
-    ref = torch.log_softmax(logits.float()[1], -1)
-    assert_close(logps[1], ref[1, 5] + ref[2, 6])
 
 
 def test_losses_module_stays_pure():

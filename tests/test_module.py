@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from lit_dpo import losses
+from lit_dpo import forward
 from lit_dpo.data.collate import PreferenceCollator
 from lit_dpo.errors import ConfigError
 from lit_dpo.module import DPOModule, linear_warmup_then_decay
+from tests.full_logits import sequence_logps
 
 PAIRS = [
     ("Recommend one movie: Star City (1999), Dark River (2001)", "Star City (1999)", "Dark River (2001)"),
@@ -46,9 +47,9 @@ def test_completion_logps_match_full_logits(tiny_model_dir, tiny_tokenizer):
     module = make_module(tiny_model_dir)
     batch = make_batch(tiny_tokenizer)
     with torch.no_grad():
-        fast, counts = module.completion_logps(module.policy, batch)
+        fast, counts = forward.row_logps(module.policy, batch)
         logits = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        slow, slow_counts = losses.sequence_logps(logits, batch["labels"])
+        slow, slow_counts = sequence_logps(logits, batch["labels"])
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     assert counts.tolist() == slow_counts.tolist()
 

@@ -12,7 +12,8 @@ import re
 import pytest
 
 from lit_dpo.data.loading import DataError
-from lit_dpo.data.movielens import main, prepare_movielens
+from lit_dpo.commands import main
+from lit_dpo.data.movielens import prepare_movielens
 
 NUM_MOVIES = 30
 GENRES_1M = "Drama|Comedy"

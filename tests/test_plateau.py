@@ -19,7 +19,7 @@ CLASS_PATH = "lit_dpo.callbacks.plateau.PlateauEarlyStopping"
 
 def feed(callback: PlateauEarlyStopping, values: list[float]) -> list[bool]:
     """One check per epoch; returns the stop verdict of each."""
-    return [callback._evaluate_stopping_criteria(v)[0] for v in values]
+    return [callback.decide(v)[0] for v in values]
 
 
 def first_stop(verdicts: list[bool]) -> int | None:
@@ -49,7 +49,7 @@ def test_plateau_from_epoch_2_stops_after_patience_and_names_epoch_2():
     callback._run = {"max_epochs": 5, "learning_rate": 5e-5, "beta": 0.1}
     verdicts = []
     for value in [0.69, 0.50, 0.499, 0.4985]:
-        stop, reason = callback._evaluate_stopping_criteria(value)
+        stop, reason = callback.decide(value)
         verdicts.append(stop)
     assert verdicts == [False, False, False, True]  # epoch 3: 1 flat check, epoch 4: patience 2 reached
     assert "plateau began at epoch 2" in reason and callback.plateau_start_epoch == 2
@@ -76,9 +76,9 @@ def test_min_epochs_is_respected():
     assert first_stop(feed(PlateauEarlyStopping(min_epochs=3), flat)) == 3
     # check_on="steps" in epoch 2 of a run: only 1 epoch completed, so no stop yet under min_epochs=2
     callback = PlateauEarlyStopping(monitor="train/loss", check_on="steps", min_epochs=2)
-    callback._evaluate_stopping_criteria(0.6931, epoch=1, completed_epochs=0)
-    assert callback._evaluate_stopping_criteria(0.6931, epoch=2, completed_epochs=1)[0] is False
-    assert callback._evaluate_stopping_criteria(0.6931, epoch=2, completed_epochs=2)[0] is True
+    callback.decide(0.6931, epoch=1, completed_epochs=0)
+    assert callback.decide(0.6931, epoch=2, completed_epochs=1)[0] is False
+    assert callback.decide(0.6931, epoch=2, completed_epochs=2)[0] is True
 
 
 def test_smoothing_judges_the_trend_not_the_noisy_dips():

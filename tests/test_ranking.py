@@ -1,4 +1,4 @@
-"""lit_dpo.ranking on a tiny random Llama: exact candidate scores, training-identical tokenization,
+"""lit_dpo.rec.scoring on a tiny random Llama: exact candidate scores, training-identical tokenization,
 the full evaluate → results.json → report round trip."""
 
 from __future__ import annotations
@@ -8,7 +8,10 @@ import json
 import pytest
 import torch
 
-from lit_dpo import losses, ranking, report
+from lit_dpo.rec import report
+from lit_dpo.rec import results as results_file
+from lit_dpo.rec import scoring as ranking
+from tests.full_logits import sequence_logps
 from lit_dpo.data.loading import Columns
 from lit_dpo.data.tokenize import tokenize_batch
 from lit_dpo.errors import UserInputError
@@ -53,7 +56,7 @@ def test_candidate_scores_match_full_logits(module, tiny_tokenizer):
             labels = ids.clone()
             labels[0, : len(prompt_ids)] = -100
             logits = module.policy(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            expected, n = losses.sequence_logps(logits, labels)
+            expected, n = sequence_logps(logits, labels)
             torch.testing.assert_close(summed[i], expected[0], atol=1e-5, rtol=1e-5)
             assert counts[i].item() == n.item() == len(completion)
 
@@ -121,12 +124,12 @@ def test_bad_records_raise_user_errors(module, tiny_tokenizer):
 
 def test_write_results_round_trips_through_report(module, tiny_tokenizer, tmp_path, monkeypatch):
     results = ranking.evaluate_ranking(module, tiny_tokenizer, RECORDS, generate=False)
-    a = ranking.write_results(results, tmp_path / "dpo", run="dpo", loss_type="sigmoid", beta=0.1, learning_rate=5e-5, epochs=3)
+    a = results_file.write_results(results, tmp_path / "dpo", run="dpo", loss_type="sigmoid", beta=0.1, learning_rate=5e-5, epochs=3)
     flipped = {**results, "per_prompt": {**results["per_prompt"], "hit@1": [1 - h for h in results["per_prompt"]["hit@1"]]}}
-    ranking.write_results(flipped, tmp_path / "sft", run="sft", loss_type="sft", beta=None, learning_rate=5e-5, epochs=3)
+    results_file.write_results(flipped, tmp_path / "sft", run="sft", loss_type="sft", beta=None, learning_rate=5e-5, epochs=3)
     assert json.loads(a.read_text())["run"] == "dpo"
     assert (tmp_path / "dpo" / "results.md").read_text().startswith("# dpo")
-    run = report.load_run(tmp_path / "dpo")
+    run = results_file.load_run(tmp_path / "dpo")
     assert run.loss_type == "sigmoid" and run.beta == 0.1 and run.epochs == 3
     assert run.metrics == pytest.approx(results["metrics"])
     assert run.per_prompt["hit@1"] == results["per_prompt"]["hit@1"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from lit_dpo.data.synthetic import generate_pairs, write_jsonl
-from lit_dpo.report import load_run
+from lit_dpo.data.synthetic import generate_pairs
+from lit_dpo.files import write_jsonl
+from lit_dpo.rec.results import load_run
 from tests.test_training import run_cli, write_pairs
 
 FAST = ("--trainer.max_epochs=1", "--data.batch_size=2", "--ranking.max_new_tokens=4")

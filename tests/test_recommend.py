@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lit_dpo.recommend import main
+from lit_dpo.commands import main
 from tests.test_adapters import _sft_checkpoint
 
 
@@ -43,7 +43,7 @@ def test_recommends_one_candidate_per_prompt_in_input_order(checkpoint, tmp_path
 
 def test_recommendation_is_the_most_likely_candidate(checkpoint, tmp_path, tiny_tokenizer):
     from lit_dpo.checkpoints import load_trained_module
-    from lit_dpo.ranking import score_candidates
+    from lit_dpo.rec.scoring import score_candidates
 
     prompt, candidates = "Choose one movie:", ["Night Road", "The Last King (1977)", "A"]
     module = load_trained_module(checkpoint, command="recommend")

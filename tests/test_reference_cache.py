@@ -175,13 +175,12 @@ def test_cache_file_for_another_key_or_size_is_a_miss(tmp_path):
 
 
 def test_half_true_precision_keeps_the_live_reference():
-    """bf16-true would cast the cached float32 values in every batch to bf16: warn and leave the data alone."""
+    """bf16-true would cast the cached float32 values in every batch to bf16: warn and attach nothing."""
     from types import SimpleNamespace
 
     from lightning.pytorch.plugins.precision import HalfPrecision
 
-    datamodule = SimpleNamespace(collator=None, train_dataset="untouched", eval_batch_size=1)
-    trainer = SimpleNamespace(datamodule=datamodule, precision="bf16-true", precision_plugin=HalfPrecision("bf16-true"))
+    trainer = SimpleNamespace(precision="bf16-true", precision_plugin=HalfPrecision("bf16-true"))
+    reference = reference_cache.ReferenceLogps(SimpleNamespace(trainer=trainer))
     with pytest.warns(UserWarning, match="trainer.precision=bf16-true converts"):
-        reference_cache.attach_to_datamodule(SimpleNamespace(trainer=trainer), ("train",))
-    assert datamodule.train_dataset == "untouched"
+        assert reference("train", "untouched rows", "fingerprint", collator=None, batch_size=1) is None

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from lit_dpo.errors import UserInputError
-from lit_dpo.report import bootstrap_ci, build_report, main, mcnemar
+from lit_dpo.commands import main
+from lit_dpo.rec.report import build_report
+from lit_dpo.rec.stats import bootstrap_ci, mcnemar
 
 
 def test_bootstrap_ci_contains_mean_and_is_deterministic():
@@ -140,7 +142,7 @@ def test_main_prints_report_and_returns_zero(two_runs, tmp_path, capsys):
 
 
 def test_main_returns_two_with_one_line(tmp_path, capsys):
-    assert main([str(tmp_path / "nope")]) == 2
+    assert main(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "results.json" in err
 

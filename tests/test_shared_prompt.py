@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from lit_dpo.data.collate import PreferenceCollator
-from lit_dpo.data.shared_prompt import (
-    SharedPromptCollator,
-    attention_mask_4d,
-    pack_shared_prompt,
-    predictor_positions,
-    to_plain_layout,
-)
+from lit_dpo.data.shared_prompt import SharedPromptCollator, pack_shared_prompt
 from lit_dpo.errors import ConfigError
+from lit_dpo.forward import attention_mask_4d, predictor_positions
 from lit_dpo.module import DPOModule
 
 PROMPTS = [
@@ -91,8 +86,6 @@ def test_plain_collator_stacks_k_negatives_as_blocks():
     batch = PreferenceCollator(pad_token_id=0)(rows)
     assert batch["prompt_count"] == 2
     assert batch["input_ids"].tolist() == [[1, 3, 0], [2, 7, 0], [1, 4, 0], [2, 8, 0], [1, 5, 6], [2, 9, 0]]
-    back = to_plain_layout(SharedPromptCollator(pad_token_id=0)(rows))
-    assert all(torch.equal(back[k], batch[k]) for k in ("input_ids", "attention_mask", "labels"))
 
 
 def test_empty_prompt_scores_like_the_plain_layout():
@@ -168,17 +161,16 @@ def test_nf4_shared_layout_equals_plain_forward(tiny_model_dir, tiny_tokenizer):
         )
 
 
-def test_backend_without_custom_masks_falls_back_to_plain(tiny_model_dir, tiny_tokenizer, monkeypatch):
-    import lit_dpo.module as module_file
+def test_a_shared_batch_for_a_backend_without_custom_masks_is_refused(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """The layout is chosen before the loaders exist (tests/test_forward.py); a shared batch that still
+    reaches such a model is an error, never converted batch by batch."""
+    import lit_dpo.forward as forward_file
 
     module = make_module(tiny_model_dir)
-    plain, shared = _both_layouts(tiny_tokenizer, 3, 1)
-    with torch.no_grad():
-        expected = module.answer_logps(module.policy, plain)[0]
-        monkeypatch.setattr(module_file, "custom_mask_kind", lambda model: None)
-        with pytest.warns(UserWarning, match="plain layout"):
-            got = module.answer_logps(module.policy, shared)[0]
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    _, shared = _both_layouts(tiny_tokenizer, 3, 1)
+    monkeypatch.setattr(forward_file, "custom_mask_kind", lambda model: None)
+    with pytest.raises(ConfigError, match="data.prefix_sharing: false"):
+        module.answer_logps(module.policy, shared)
 
 
 # ------------------------------------------------------------------------------ K negatives: losses

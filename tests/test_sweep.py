@@ -14,10 +14,11 @@ import pytest
 import torch
 import yaml
 
-from lit_dpo import sweep as sweep_module
-from lit_dpo.sweep import SweepInputError, parse_args, parse_grid, plan
-from lit_dpo.sweep_results import write_results
-from lit_dpo.sweep_runs import error_line, load_record, run_dir, save_record
+from lit_dpo import commands as sweep_module
+from lit_dpo.commands.sweep import parse_args, plan_sweep
+from lit_dpo.sweep.plan import SweepInputError, parse_grid
+from lit_dpo.sweep.results import write_results
+from lit_dpo.sweep.runs import error_line, load_record, run_dir, save_record
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -36,7 +37,7 @@ def write_config(tmp_path: Path, **model) -> Path:
 
 def planned(tmp_path: Path, *argv: str, **model):
     args, fit_args = parse_args(["sweep", "--config", str(write_config(tmp_path, **model)), *argv])
-    return plan(args, fit_args)
+    return plan_sweep(args, fit_args)
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -186,7 +187,7 @@ def test_sweep_two_betas_skips_resumes_and_records_failures(tmp_path, tiny_model
     argv = tiny_sweep(tmp_path, tiny_model_dir, "--grid", "model.beta=0,0.05,0.2", "--name", "betas",
                       fit=["--trainer.callbacks+=killer.ExitOnce"])
     assert sweep_module.main(argv) == 1  # beta=0 fails, beta=0.05 is killed at step 2, beta=0.2 finishes
-    sweep = plan(*parse_args(argv))
+    sweep = plan_sweep(*parse_args(argv))
     failed, killed, finished = sweep.runs
     assert load_record(sweep, failed)["status"] == "failed" and "model.beta must be > 0" in load_record(sweep, failed)["error"]
     assert load_record(sweep, killed)["status"] == "failed" and (run_dir(sweep, killed) / "checkpoints" / "last.ckpt").is_file()
@@ -223,7 +224,7 @@ def test_epoch_reuse_with_constant_schedule_equals_training(tmp_path, tiny_model
     trained = [a for a in tiny_sweep(tmp_path, tiny_model_dir, *grid, "--name", "trained", "--epoch-reuse", "off", fit=fit)
                if a != "--trainer.max_epochs=2"]
     assert sweep_module.main(reuse) == 0 and sweep_module.main(trained) == 0
-    reused_sweep, trained_sweep = plan(*parse_args(reuse)), plan(*parse_args(trained))
+    reused_sweep, trained_sweep = plan_sweep(*parse_args(reuse)), plan_sweep(*parse_args(trained))
     one_epoch = run_dir(reused_sweep, reused_sweep.runs[0])
     note = json.loads((one_epoch / "reused_checkpoint.json").read_text())
     assert note["exact"] and note["epoch"] == 1

@@ -1,4 +1,8 @@
-"""Callbacks that watch a run and report on it (`class_path: lit_dpo.callbacks.<Name>` in YAML)."""
+"""Callbacks that watch a run and report on it (`class_path: lit_dpo.callbacks.<Name>` in YAML).
+
+They read what the module logs and what the trainer knows, never the data: the recommendation metrics,
+which need the data's candidate lists, live with the recommendation wing (`lit_dpo.rec.callback`).
+"""
 
 from lit_dpo.callbacks.diagnosis import Diagnosis
 from lit_dpo.callbacks.divergence import DivergenceGuard
@@ -7,7 +11,6 @@ from lit_dpo.callbacks.findings import Finding
 from lit_dpo.callbacks.memory_guard import MemoryGuard
 from lit_dpo.callbacks.oscillation import OscillationDetector
 from lit_dpo.callbacks.plateau import PlateauEarlyStopping
-from lit_dpo.callbacks.ranking_eval import RankingEvaluation
 from lit_dpo.callbacks.summary import RunSummary
 
 __all__ = [
@@ -18,6 +21,5 @@ __all__ = [
     "MemoryGuard",
     "OscillationDetector",
     "PlateauEarlyStopping",
-    "RankingEvaluation",
     "RunSummary",
 ]

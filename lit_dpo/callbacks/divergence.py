@@ -27,6 +27,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
 from lit_dpo.callbacks.findings import Finding, step_loss
+from lit_dpo.compat import save_last_checkpoint
 from lit_dpo.errors import ConfigError
 
 LR_RULE = "Problem: Loss diverges → Decrease learning_rate by 2x"
@@ -280,12 +281,11 @@ class DivergenceGuard(L.Callback):
         ckpt = trainer.checkpoint_callback
         if not isinstance(ckpt, ModelCheckpoint) or not ckpt.save_last:
             return None
-        if ckpt.save_last is True and hasattr(ckpt, "_save_last_checkpoint"):
-            # ModelCheckpoint's own "last" save (private in Lightning 2.6): it then counts this step as
-            # saved, so neither its periodic save right after this hook nor its save at train end, whose
-            # loop state would resume at the *next* epoch, writes over it; and last.ckpt keeps its name.
-            ckpt._save_last_checkpoint(trainer, ckpt._monitor_candidates(trainer))
-            return ckpt.last_model_path
+        if ckpt.save_last is True:
+            # through ModelCheckpoint's own "last" save (lit_dpo.compat says why), so that neither its periodic
+            # save right after this hook nor its save at train end, whose loop state would resume at the *next*
+            # epoch, writes over it; and last.ckpt keeps its name.
+            return save_last_checkpoint(ckpt, trainer)
         path = ckpt.last_model_path or ckpt.format_checkpoint_name({}, ckpt.CHECKPOINT_NAME_LAST)
         if trainer.is_global_zero and os.path.islink(path):  # save_last="link": it points into the bad stretch
             os.remove(path)

@@ -30,6 +30,7 @@ from typing_extensions import override
 
 from lit_dpo.callbacks.findings import Finding
 from lit_dpo.callbacks.oom_remedies import OOM_RULE, current_values, first_remedy, render_remedies
+from lit_dpo.compat import save_last_checkpoint
 from lit_dpo.errors import ConfigError
 
 GB = 2**30
@@ -332,12 +333,11 @@ class MemoryGuard(L.Callback):
         # itself, except at step 0 (it skips steps it considers saved, and it starts at 0): no double save.
         if on_exception and mc and mc.save_on_exception and mc.save_last and trainer.global_step > 0:
             return last
-        if mc and mc.save_last and hasattr(mc, "_save_last_checkpoint"):
-            # ModelCheckpoint's own "last" save (Lightning 2.6): it then counts this step as saved, so its
-            # save at train end after `should_stop`, whose loop state would resume at the *next* epoch,
-            # does not overwrite this mid-epoch state; it also keeps last.ckpt's name (no last-v1.ckpt).
-            mc._save_last_checkpoint(trainer, mc._monitor_candidates(trainer))
-            last = Path(mc.last_model_path)
+        if mc and mc.save_last:
+            # ModelCheckpoint's own "last" save (lit_dpo.compat says why): it then counts this step as saved, so
+            # its save at train end after `should_stop`, whose loop state would resume at the *next* epoch, does
+            # not overwrite this mid-epoch state; it also keeps last.ckpt's name (no last-v1.ckpt).
+            last = Path(save_last_checkpoint(mc, trainer))
         else:
             trainer.save_checkpoint(last)
         rank_zero_info(f"MemoryGuard: saved {last}")

@@ -274,7 +274,6 @@ class OscillationDetector(L.Callback):
                 base_lrs[i] = new
                 if "initial_lr" in group:  # what a scheduler rebuilt from the optimizer would start from
                     group["initial_lr"] = new
-            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # get_last_lr()
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 if id(group) not in scheduled and (new := self._reduced(group["lr"])) is not None:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -34,7 +35,8 @@ class PlateauEarlyStopping(EarlyStopping):
     """Stop when the monitored loss improves by less than `min_delta` (relative) for `patience` checks.
 
     A subclass of `EarlyStopping` because Lightning calls only EarlyStopping and checkpoint callbacks
-    after `LightningModule.on_train_epoch_end`, where DPOModule logs `train/loss_epoch`.
+    after `LightningModule.on_train_epoch_end`, where DPOModule logs `train/loss_epoch`. It overrides
+    EarlyStopping's public hooks and state only; the decision is `decide`, a pure method.
 
     Args:
         monitor: Metric to watch: `val/loss` (after each validation), `train/loss_epoch` (after each
@@ -97,6 +99,8 @@ class PlateauEarlyStopping(EarlyStopping):
         self.plateau_start_epoch: int | None = None
         self.best_model_path = ""
         self._step_sum, self._step_count, self._last_step = 0.0, 0, 0  # check_on="steps" accumulator
+        self._batches_done = 0  # training batches of the current epoch, as Lightning counts them (resumes too)
+        self._judge_at_epoch_end = True  # set in setup
         self._run: dict[str, Any] = {}  # max_epochs and the module's learning_rate / beta, for findings()
 
     # ------------------------------------------------------------------------------------ hooks
@@ -107,7 +111,7 @@ class PlateauEarlyStopping(EarlyStopping):
                               "(trainer.limit_val_batches=0); enable it or monitor train/loss_epoch")
         # val/* is current at train-epoch end only if validation ran just before it, as in EarlyStopping
         val_each_epoch = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
-        self._check_on_train_epoch_end = not self.monitor.startswith("val/") or val_each_epoch
+        self._judge_at_epoch_end = not self.monitor.startswith("val/") or val_each_epoch
         hparams = getattr(pl_module, "hparams", {})
         self._run = {"max_epochs": trainer.max_epochs, "learning_rate": hparams.get("learning_rate"),
                      "beta": hparams.get("beta")}
@@ -115,18 +119,19 @@ class PlateauEarlyStopping(EarlyStopping):
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # An epoch cut short (stopped or interrupted) has no epoch value yet; a resume finishes it.
-        if self.check_on == "epoch" and self._check_on_train_epoch_end and _epoch_finished(trainer) \
-                and not self._should_skip_check(trainer):
-            self._run_early_stopping_check(trainer)
+        if self.check_on == "epoch" and self._judge_at_epoch_end and self._epoch_finished(trainer) \
+                and not _skip(trainer):
+            self._check(trainer)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.check_on == "epoch" and not self._check_on_train_epoch_end and not self._should_skip_check(trainer):
-            self._run_early_stopping_check(trainer)
+        if self.check_on == "epoch" and not self._judge_at_epoch_end and not _skip(trainer):
+            self._check(trainer)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._batches_done = batch_idx + 1  # Lightning's batch index within the epoch continues on a resume
         if self.start_value is None and self.min_progress and self.mode == "min" and "train/loss" in trainer.callback_metrics:
             self.start_value = float(trainer.callback_metrics["train/loss"])  # the loss before any learning
         if self.check_on != "steps" or trainer.global_step == self._last_step:
@@ -137,16 +142,16 @@ class PlateauEarlyStopping(EarlyStopping):
         self._last_step = trainer.global_step
         self._step_sum, self._step_count = self._step_sum + value, self._step_count + 1
         if trainer.global_step % self.check_every_n_steps == 0:
-            self._run_early_stopping_check(trainer, self._step_sum / self._step_count)
+            self._check(trainer, self._step_sum / self._step_count)
             self._step_sum, self._step_count = 0.0, 0
 
-    @override
-    def _run_early_stopping_check(self, trainer: L.Trainer, value: float | None = None) -> None:
+    def _check(self, trainer: L.Trainer, value: float | None = None) -> None:
+        """Judge the current value (the logged monitor unless given), agree across processes, act."""
         if trainer.fast_dev_run:
             return
-        epoch_done = _epoch_finished(trainer)
+        epoch_done = self._epoch_finished(trainer)
         previous_best = self.best_score
-        should_stop, reason = self._evaluate_stopping_criteria(
+        should_stop, reason = self.decide(
             self._metric(trainer) if value is None else value, epoch=trainer.current_epoch + 1,
             step=trainer.global_step, completed_epochs=trainer.current_epoch + int(epoch_done))
         # Every rank must take part in save_checkpoint (it ends in a barrier), so agree on "improved" first.
@@ -163,9 +168,8 @@ class PlateauEarlyStopping(EarlyStopping):
             rank_zero_info(reason)
 
     # --------------------------------------------------------------------------------- decision
-    @override
-    def _evaluate_stopping_criteria(self, current: Any, epoch: int | None = None, step: int | None = None,
-                                    completed_epochs: int | None = None) -> tuple[bool, str | None]:
+    def decide(self, current: Any, epoch: int | None = None, step: int | None = None,
+               completed_epochs: int | None = None) -> tuple[bool, str | None]:
         """Record one checked value and decide whether training should stop.
 
         Args:
@@ -221,6 +225,10 @@ class PlateauEarlyStopping(EarlyStopping):
         return gain / abs(reference) if reference else gain  # relative to 0 is undefined: use the absolute change
 
     # ---------------------------------------------------------------------------------- helpers
+    def _epoch_finished(self, trainer: L.Trainer) -> bool:
+        # As Lightning's epoch loop decides it: the last batch, or as many as trainer.limit_train_batches allows.
+        return trainer.is_last_batch or self._batches_done == trainer.num_training_batches
+
     def _metric(self, trainer: L.Trainer) -> float:
         logs = trainer.callback_metrics
         if self.monitor not in logs:
@@ -317,10 +325,9 @@ class PlateauEarlyStopping(EarlyStopping):
         self._step_sum, self._step_count, self._last_step = state_dict["steps"]
 
 
-def _epoch_finished(trainer: L.Trainer) -> bool:
-    # As Lightning's epoch loop decides it: the last batch, or as many as trainer.limit_train_batches allows.
-    ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-    return trainer.is_last_batch or ready == trainer.num_training_batches
+def _skip(trainer: L.Trainer) -> bool:
+    # as EarlyStopping: judge only while fitting, never on the sanity check's values
+    return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
 
 
 def _validate(monitor: str, mode: str, min_delta: float, patience: int, window: int, check_on: str,

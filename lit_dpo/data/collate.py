@@ -44,16 +44,18 @@ class PreferenceCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        prompts = [row["prompt_input_ids"] for row in rows]
-        answers = [answers_of(row) for row in rows]
+        prompts, answers, extra = split_rows(rows)
         blocks = range(len(answers[0]))
         completions = [answers[i][j] for j in blocks for i in range(len(rows))]
         input_ids, attention_mask, labels = pad_completions(prompts * len(blocks), completions, self.pad_token_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {**batch, "prompt_count": len(rows), **extra}
 
-        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        batch["prompt_count"] = len(rows)
-        batch.update(extra_fields(rows))
-        return batch
+
+def split_rows(rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[list[int]]], dict[str, Any]]:
+    """A list of tokenized pairs as (prompt ids per pair, answers per pair with the chosen one first, the
+    extra per-pair fields): what both layouts' collators start from."""
+    return [row["prompt_input_ids"] for row in rows], [answers_of(row) for row in rows], extra_fields(rows)
 
 
 def answers_of(row: dict[str, Any]) -> list[list[int]]:

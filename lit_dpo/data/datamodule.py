@@ -1,39 +1,43 @@
 """`PreferenceDataModule`: preference pairs from a file (or the built-in synthetic set) to padded batches.
 
 Pipeline, per split: read and validate (`loading.py`) -> tokenize prompt and completions with the policy's
-tokenizer -> fit each pair into `max_length` by left-truncating the prompt -> batch with `PreferenceCollator`.
-Tokenization runs through `datasets.Dataset.map` with an explicit fingerprint (source data + tokenizer +
-settings), so a second run over the same data reads the tokenized Arrow cache instead of re-tokenizing.
+tokenizer and fit each pair into `max_length` (`tokenize.py`, cached by `datasets`) -> batch in the
+shared-prompt or the plain layout (`shared_prompt.py`, `collate.py`).
 
-Prompts are truncated from the left because the end of a prompt (the question and, with a chat template, the
-assistant header) is what the completion follows; completions are never truncated, since DPO compares their
-full log-probabilities. A pair whose completion alone cannot fit is dropped and counted.
+What only the model side knows is given to the data module before its loaders are built, with `connect`
+(as litgpt's `DataModule.connect(tokenizer=...)`): whether the model's attention takes the shared-prompt
+layout's custom mask, and how to compute reference log-probs, which then travel with the rows as a
+`reference_logps` column (`lit_dpo.reference_cache`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lit_dpo.data.collate import PreferenceCollator
-from lit_dpo.data.loading import Columns, DataError, Source, check_path, load_source, saved_splits
+from lit_dpo.data.collate import REFERENCE_KEY, PreferenceCollator
+from lit_dpo.data.loading import Columns, DataError, Source, check_path, digest, load_source, saved_splits
 from lit_dpo.data.sampler import ResumableBatchSampler
 from lit_dpo.data.shared_prompt import SharedPromptCollator
-from lit_dpo.data.synthetic import GENERATOR_VERSION, generate_pairs, write_jsonl
-from lit_dpo.data.tokenize import HELPER_COLUMNS, TOKENIZATION_VERSION, tokenize_batch, tokenizer_digest
-from lit_dpo.models import cache_root, load_tokenizer
+from lit_dpo.data.synthetic import GENERATOR_VERSION, generate_pairs
+from lit_dpo.data.tokenize import tokenize_split
+from lit_dpo.files import cache_root, write_jsonl
+from lit_dpo.models.sources import load_tokenizer
 
 SYNTHETIC_SEED = 0  # the built-in set stays the same across `seed`s, so runs with different seeds compare
+ReferenceLogps = Callable[[str, datasets.Dataset, str, Callable, int], "torch.Tensor | None"]
+"""`(split, rows, fingerprint, collator, batch_size) -> [N, A] reference log-probs` (or None: not available)."""
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -108,6 +112,9 @@ class PreferenceDataModule(L.LightningDataModule):
         super().__init__()
         self._train_sampler: ResumableBatchSampler | None = None
         self._sampler_state_to_load: dict | None = None
+        self._custom_attention_mask = True  # see connect()
+        self._reference_logps: ReferenceLogps | None = None
+        self._with_reference_column: dict[str, datasets.Dataset] = {}  # per split, since the last connect()
         # Cheap checks first, so a typo fails before the trainer creates a run directory.
         for key, path in (("train_path", train_path), ("val_path", val_path), ("test_path", test_path)):
             if path is not None:
@@ -174,7 +181,25 @@ class PreferenceDataModule(L.LightningDataModule):
         """K, rejected answers per prompt, for each loaded file with K > 1 (e.g. {"data.train_path x.jsonl": 3})."""
         self.pair_lengths: dict[str, np.ndarray] = {}
         """Per split: tokens of each kept pair, prompt + longest answer (for length-grouped batches)."""
+        self.fingerprints: dict[str, str] = {}
+        """Per split: what identifies its tokenized rows (source file, split, tokenizer, settings)."""
         self._is_setup = False
+
+    def connect(self, *, custom_attention_mask: bool = True, reference_logps: ReferenceLogps | None = None) -> None:
+        """Give the data module what the model side knows, before the loaders are built.
+
+        Args:
+            custom_attention_mask: Whether the model's attention backend takes the shared-prompt layout's
+                custom 4D mask (`lit_dpo.forward.takes_custom_mask`); without it batches take the plain
+                layout whatever `prefix_sharing` says.
+            reference_logps: Computes (or loads) the reference log-probs of a split's rows; each loader then
+                carries them as a `reference_logps` column, stacked into a [B, A] batch tensor that
+                `DPOModule.reference_logps` uses instead of a reference forward. None: the reference runs
+                every step.
+        """
+        self._custom_attention_mask = custom_attention_mask
+        self._reference_logps = reference_logps
+        self._with_reference_column = {}
 
     @override
     def prepare_data(self) -> None:
@@ -205,13 +230,14 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_dataset = self._prepare_split("val", "val_path" if self.val_path else "train_path", val)
         if test is None:
             self.test_dataset, self.stats["test"] = self.val_dataset, self.stats["val"]
+            self.fingerprints["test"] = self.fingerprints["val"]
         else:
             self.test_dataset = self._prepare_split("test", "test_path", test)
         self._is_setup = True
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return self._train_loader(self.train_dataset)
+        return self._train_loader(self._with_reference("train"))
 
     @override
     def state_dict(self) -> dict:
@@ -229,44 +255,21 @@ class PreferenceDataModule(L.LightningDataModule):
 
     @override
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_dataset)
+        return self._eval_loader(self._with_reference("val"))
 
     @override
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_dataset)
+        return self._eval_loader(self._with_reference("test"))
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_dataset)
+        return self._eval_loader(self._with_reference("test"))
 
     @property
     def collator(self) -> PreferenceCollator | SharedPromptCollator:
-        """The batch builder of the configured layout (needs the tokenizer, so only after `setup`)."""
-        layout = SharedPromptCollator if self.prefix_sharing else PreferenceCollator
-        return layout(pad_token_id=self.tokenizer.pad_token_id)
-
-    def ranking_records(self, split: str) -> list[dict]:
-        """Recommendation records of `split` ("val" or "test") for `lit_dpo.ranking.evaluate_ranking`.
-
-        Each record holds the tokenized prompt (chat template and truncation exactly as in the pair
-        metrics) under `prompt`, plus `candidates`, `target` and a `prompt_id` (the `user_id`/`id`
-        column, else the row number). Empty when the split has no `candidates`/`target` columns.
-        """
-        dataset = {"val": self.val_dataset, "test": self.test_dataset}[split]
-        if dataset is None or not {"candidates", "target"} <= set(dataset.column_names):
-            return []
-        id_column = next((c for c in ("prompt_id", "user_id", "id") if c in dataset.column_names), None)
-        columns = ["prompt_input_ids", "candidates", "target"] + ([id_column] if id_column else [])
-        rows = dataset.select_columns(columns).to_list()
-        return [
-            {
-                "prompt": row["prompt_input_ids"],
-                "candidates": row["candidates"],
-                "target": row["target"],
-                "prompt_id": str(row[id_column]) if id_column else str(i),
-            }
-            for i, row in enumerate(rows)
-        ]
+        """The batch builder of the layout in use (needs the tokenizer, so only after `setup`)."""
+        shared = self.prefix_sharing and self._custom_attention_mask
+        return (SharedPromptCollator if shared else PreferenceCollator)(pad_token_id=self.tokenizer.pad_token_id)
 
     def column_values(self, split: str, column: str) -> list | None:
         """All values of an extra column (e.g. the training `target`s for the popularity baseline), or None."""
@@ -275,11 +278,31 @@ class PreferenceDataModule(L.LightningDataModule):
             return None
         return dataset[column]
 
+    def _with_reference(self, split: str) -> datasets.Dataset | None:
+        """The split's rows, with their `reference_logps` column when `connect` gave a way to compute it."""
+        rows = {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}
+        if self._reference_logps is None or not rows[split]:
+            return rows[split]
+        # fit computes train before val, whichever loader Lightning asks for first (with max_steps it builds
+        # the val loader first), so a fit reads the same way every time
+        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING and split in ("train", "val")
+        for name in ("train", "val") if fitting else (split,):
+            if name not in self._with_reference_column and rows[name]:
+                self._with_reference_column[name] = self._attach_reference(name, rows[name])
+        return self._with_reference_column[split]
+
+    def _attach_reference(self, split: str, dataset: datasets.Dataset) -> datasets.Dataset:
+        logps = self._reference_logps(split, dataset, self.fingerprints[split], self.collator, self.eval_batch_size)
+        if logps is None:
+            return dataset
+        values = hashlib.sha256(logps.float().numpy().tobytes()).hexdigest()
+        # float64 holds every float32 exactly; the collator turns the column back into float32
+        return dataset.add_column(REFERENCE_KEY, logps.double().tolist(),
+                                  new_fingerprint=digest({"rows": self.fingerprints[split], "reference": values}))
+
     def _train_loader(self, dataset: datasets.Dataset) -> DataLoader:
         # Order depends on (seed, epoch) only, never on global RNG, and resumes mid-epoch (sampler.py).
         lengths = self.pair_lengths.get("train") if self.group_by_length else None
-        if lengths is not None and len(lengths) != len(dataset):  # a dataset swapped in after setup
-            lengths = None
         self._train_sampler = ResumableBatchSampler(
             len(dataset), self.batch_size, seed=self.seed, lengths=None if lengths is None else lengths.tolist()
         )
@@ -317,8 +340,7 @@ class PreferenceDataModule(L.LightningDataModule):
             "num_candidates": self.synthetic_num_candidates,
             "generator_version": GENERATOR_VERSION,
         }
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        path = cache_root() / "synthetic" / f"{digest}.jsonl"
+        path = cache_root() / "synthetic" / f"{digest(settings)[:16]}.jsonl"
         if not path.is_file():
             records = generate_pairs(
                 self.synthetic_num_pairs, SYNTHETIC_SEED, self.synthetic_history_len, self.synthetic_num_candidates
@@ -341,10 +363,8 @@ class PreferenceDataModule(L.LightningDataModule):
                 f"data.val_fraction: cannot split {len(train.dataset)} training pairs with val_fraction="
                 f"{self.val_fraction} ({err}); add pairs, change val_fraction or give data.val_path"
             ) from err
-        return (
-            Source(parts["train"], train.skipped_invalid, train.negatives),
-            Source(parts["test"], 0, train.negatives),
-        )
+        cut = {"val_fraction": self.val_fraction, "seed": self.seed}
+        return train.part(parts["train"], "train", **cut), train.part(parts["test"], "validation", **cut)
 
     def _prepare_split(self, split: str, key: str, source: Source) -> datasets.Dataset:
         """Tokenize and fit one split, record its stats, and drop pairs that cannot fit."""
@@ -352,54 +372,14 @@ class PreferenceDataModule(L.LightningDataModule):
         chat = self.use_chat_template and tokenizer.chat_template is not None
         if self.use_chat_template and not chat:
             rank_zero_warn(f"Tokenizer {self.tokenizer_name_or_path} has no chat template; using plain prompts.")
-        settings = {
-            "source": source.dataset._fingerprint,
-            "tokenizer": tokenizer.name_or_path,
-            "tokenizer_class": type(tokenizer).__name__,
-            "vocab": tokenizer_digest(tokenizer),
-            "chat_template": tokenizer.chat_template if chat else None,
-            "columns": self.columns.items(),
-            "max_prompt_length": self.max_prompt_length,
-            "max_length": self.max_length,
-            "version": TOKENIZATION_VERSION,
-        }
-        fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
-        dataset = source.dataset.map(
-            tokenize_batch,
-            batched=True,
-            fn_kwargs={
-                "tokenizer": tokenizer,
-                "columns": self.columns,
-                "chat": chat,
-                "max_prompt_length": self.max_prompt_length,
-                "max_length": self.max_length,
-            },
-            remove_columns=[name for _, name in self.columns.items()],
-            new_fingerprint=fingerprint,
-            desc=f"Tokenizing {split} pairs",
-        )
-        flags = dataset.select_columns(list(HELPER_COLUMNS)).with_format("numpy")[:]
-        keep = np.flatnonzero(~flags["_too_long"])
-        if len(keep) == 0:
-            raise DataError(
-                f"data.{key}: all {len(dataset)} {split} pairs were dropped as too long: even the shortest needs "
-                f"{int(flags['_completion_len'].min())} completion tokens, more than data.max_length - 1 = "
-                f"{self.max_length - 1}; raise data.max_length or shorten the completions"
-            )
-        kept = {name: values[keep] for name, values in flags.items()}
-        stats = {
-            "pairs": len(keep),
-            "dropped_too_long": len(dataset) - len(keep),
-            "skipped_invalid": source.skipped_invalid,
-            "identical_pairs": int(kept["_identical"].sum()),
-            "truncated_prompts": int(kept["_truncated"].sum()),
-            "prompt_tokens_mean": float(kept["_prompt_len"].mean()),
-            "prompt_tokens_max": int(kept["_prompt_len"].max()),
-            "completion_tokens_mean": float(kept["_completion_len"].mean()),
-            "completion_tokens_max": int(kept["_completion_len"].max()),
-        }
+        dataset, counts, lengths, self.fingerprints[split] = tokenize_split(
+            source.dataset, source.fingerprint, tokenizer, self.columns, chat=chat,
+            max_prompt_length=self.max_prompt_length, max_length=self.max_length, split=split, key=key,
+        )  # fmt: skip
+        stats = {"pairs": counts.pop("pairs"), "dropped_too_long": counts.pop("dropped_too_long"),
+                 "skipped_invalid": source.skipped_invalid, **counts}
         self.stats[split] = stats
-        self.pair_lengths[split] = kept["_prompt_len"] + kept["_completion_len"]
+        self.pair_lengths[split] = lengths
         rank_zero_info(
             f"{split}: {stats['pairs']} pairs ({stats['dropped_too_long']} dropped as too long, "
             f"{stats['skipped_invalid']} invalid rows skipped); prompt tokens mean {stats['prompt_tokens_mean']:.1f} "
@@ -411,6 +391,4 @@ class PreferenceDataModule(L.LightningDataModule):
                 f"{split}: {stats['identical_pairs']} pairs have chosen == rejected (or == one of their rejected "
                 "answers); they carry no preference signal"
             )
-        if stats["dropped_too_long"]:
-            dataset = dataset.select(keep)
-        return dataset.remove_columns(list(HELPER_COLUMNS))
+        return dataset

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import datasets
 
-from lit_dpo.data.synthetic import write_jsonl
 from lit_dpo.errors import UserInputError
-from lit_dpo.models import cache_root
+from lit_dpo.files import cache_root, write_jsonl
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ACCEPTED = "give a .jsonl/.json/.parquet/.csv file or a saved dataset directory"
@@ -56,6 +55,26 @@ class Source:
     skipped_invalid: int
     negatives: int = 1
     """K, the rejected answers per row (the `rejected` column holds a list of K strings when K > 1)."""
+    fingerprint: str = ""
+    """Identifies these rows: the file (path, size, modification time), the split and the rows skipped.
+    What the tokenization cache and the reference log-prob cache are keyed by."""
+
+    def part(self, dataset: datasets.Dataset, name: str, **settings) -> Source:
+        """A part of these rows (e.g. the validation share split off), fingerprinted by how it was cut."""
+        fingerprint = digest({"source": self.fingerprint, "part": name, **settings})
+        return Source(dataset, self.skipped_invalid if name == "train" else 0, self.negatives, fingerprint)
+
+
+def digest(settings: dict) -> str:
+    """A stable 32-hex-digit fingerprint of JSON-serialisable settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def file_identity(path: Path) -> list:
+    """What changes when a file or a saved dataset folder is rewritten: resolved path, sizes, modification times."""
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return [str(path.resolve()), [[str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size,
+                                   f.stat().st_mtime_ns] for f in files]]
 
 
 def check_path(key: str, path: str) -> Path:
@@ -112,7 +131,7 @@ def load_source(key: str, path: str, columns: Columns, skip_invalid_rows: bool, 
     p = check_path(key, path)
     if p.suffix.lower() in BUILDERS and BUILDERS[p.suffix.lower()] == "json" and not p.is_dir():
         return _load_json(key, p, columns, skip_invalid_rows)
-    where = str(p)
+    where, split = str(p), None
     try:
         if p.is_dir():
             loaded = datasets.load_from_disk(str(p))
@@ -139,7 +158,8 @@ def load_source(key: str, path: str, columns: Columns, skip_invalid_rows: bool, 
         dataset = dataset.select([i for i in range(len(dataset)) if i + 1 not in bad])
     if len(dataset) == 0:
         raise DataError(_empty_message(key, where, len(invalid)))
-    return Source(dataset, len(invalid), negatives)
+    fingerprint = digest({"file": file_identity(p), "split": split, "columns": columns.items(), "invalid": invalid})
+    return Source(dataset, len(invalid), negatives, fingerprint)
 
 
 def _load_json(key: str, p: Path, columns: Columns, skip_invalid_rows: bool) -> Source:
@@ -157,8 +177,8 @@ def _load_json(key: str, p: Path, columns: Columns, skip_invalid_rows: bool) -> 
         # datasets cannot load a file with mixed value types, so load a copy without the invalid rows.
         bad = set(invalid)
         stat = p.stat()
-        digest = hashlib.sha256(f"{p.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{columns}".encode()).hexdigest()
-        load_path = cache_root() / "cleaned" / f"{p.stem}-{digest[:12]}.jsonl"
+        key_text = f"{p.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{columns}"
+        load_path = cache_root() / "cleaned" / f"{p.stem}-{hashlib.sha256(key_text.encode()).hexdigest()[:12]}.jsonl"
         if not load_path.is_file():
             write_jsonl([rec for row, _, rec in records if row not in bad], load_path)
     else:
@@ -167,7 +187,8 @@ def _load_json(key: str, p: Path, columns: Columns, skip_invalid_rows: bool) -> 
         dataset = datasets.load_dataset("json", data_files=str(load_path), split="train")
     except Exception as err:  # e.g. a non-text column whose type changes between rows
         raise DataError(f"data.{key}: could not read {p}: {_one_line(err)}") from err
-    return Source(dataset, len(invalid), negatives)
+    fingerprint = digest({"file": file_identity(p), "columns": columns.items(), "invalid": invalid})
+    return Source(dataset, len(invalid), negatives, fingerprint)
 
 
 def _json_records(key: str, p: Path) -> Iterator[tuple[int, int, dict]]:

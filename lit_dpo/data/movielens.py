@@ -22,18 +22,12 @@ tiny look-alike fixtures instead.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import random
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from lit_dpo.data.loading import DataError
-from lit_dpo.data.synthetic import write_jsonl
-from lit_dpo.errors import UserInputError
+from lit_dpo.files import write_json, write_jsonl
 
 # The 19 genre flags of u.item, in file order (ML-100K README).
 ML100K_GENRES = (
@@ -222,19 +216,6 @@ def _check_settings(history_len, num_candidates, num_negatives, min_history) -> 
         raise DataError(f"--min-history must be >= 1, got {min_history}")
 
 
-def _write_json(data: dict, path: Path) -> None:
-    # Atomic like write_jsonl: a reader never sees half a stats file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def prepare_movielens(
     source: str | Path,
     out: str | Path,
@@ -324,14 +305,14 @@ def prepare_movielens(
             "seed": seed,
         },  # fmt: skip
     }
-    _write_json(stats, out / "stats.json")
+    write_json(out / "stats.json", stats)
     return stats
 
 
 def _token_lengths(tokenizer_name: str, splits: dict[str, list[dict]]) -> dict:
     """Prompt (chat-templated) and answer lengths in tokens: what to set data.max_prompt_length from."""
     from lit_dpo.data.tokenize import encode_completions, encode_prompts
-    from lit_dpo.models import load_tokenizer
+    from lit_dpo.models.sources import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_name)
     records = [r for rs in splits.values() for r in rs]
@@ -344,49 +325,3 @@ def _token_lengths(tokenizer_name: str, splits: dict[str, list[dict]]) -> dict:
         return {"mean": round(sum(values) / len(values), 1), "p95": ordered[int(0.95 * (len(ordered) - 1))], "max": ordered[-1]}
 
     return {"tokenizer": tokenizer_name, "prompt_tokens": summary(prompts), "answer_tokens": summary(answers)}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `prepare movielens` options to `parser` (shared with the package CLI)."""
-    parser.add_argument("--source", required=True, help="unzipped ml-1m or ml-100k folder")
-    parser.add_argument("--out", required=True, help="output folder for train/val/test.jsonl and stats.json")
-    parser.add_argument("--min-rating", type=float, default=4.0, help="stars counted as a positive (default 4)")
-    parser.add_argument("--history-len", type=int, default=10, help="titles of history in the prompt")
-    parser.add_argument("--num-candidates", type=int, default=20, help="candidates per prompt, target included")
-    parser.add_argument("--num-negatives", type=int, default=1, help="rejected titles per example (>1: a list)")
-    parser.add_argument("--min-history", type=int, default=3, help="earlier positives a train example needs")
-    parser.add_argument("--sliding-windows", action="store_true", help="every eligible position is a train example")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--tokenizer", default="embedded:smollm2-135m-instruct",
-        help="tokenizer for the token-length stats (the model you will train; 'none' to skip)",
-    )  # fmt: skip
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run `prepare movielens` from parsed arguments; prints the stats, or one error line and returns 2."""
-    try:
-        stats = prepare_movielens(
-            args.source, args.out, min_rating=args.min_rating, history_len=args.history_len,
-            num_candidates=args.num_candidates, num_negatives=args.num_negatives, min_history=args.min_history,
-            sliding_windows=args.sliding_windows, seed=args.seed,
-            tokenizer=None if args.tokenizer.lower() == "none" else args.tokenizer,
-        )  # fmt: skip
-    except UserInputError as err:
-        print(f"lit_dpo: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(stats, indent=2))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`prepare movielens --source DIR --out DIR [options]`; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="lit_dpo")
-    commands = parser.add_subparsers(dest="command", required=True)
-    datasets = commands.add_parser("prepare", help="build a dataset").add_subparsers(dest="dataset", required=True)
-    add_arguments(datasets.add_parser("movielens", help="preference pairs from MovieLens ML-1M / ML-100K"))
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,13 +15,13 @@ and makes the forward pass compute exactly what the plain layout computes for ev
 - prediction: the first token of every answer is predicted by the hidden state of the last *prompt*
   position (not the token just before it in the packed row); later tokens by the token before them.
 
-The result equals the plain forward up to float rounding (tests/test_shared_prompt.py checks 1e-5 in fp32,
+The result equals the plain forward (`lit_dpo.forward` runs both) up to float rounding (tests/test_shared_prompt.py checks 1e-5 in fp32,
 for sdpa and eager attention, LoRA and 4-bit). Wang & Hegde 2024, "Accelerating Direct Preference
 Optimization with Prefix Sharing" (arXiv:2410.20305); measured ≈1.8× faster steps on this project's
 recommendation data (shared/reference/performance.md).
 
 Batch keys of the layout (the collator stores only integer tensors; the 4D mask is built by the model side
-in the dtype its attention needs, see :func:`attention_mask_4d`):
+in the dtype its attention needs, `lit_dpo.forward.attention_mask_4d`):
     input_ids: LongTensor [B, T], right-padded.
     attention_mask: LongTensor [B, T], 1 on real tokens (what counts tokens; not given to the model).
     labels: LongTensor [B, T], the token id on answer tokens, -100 on prompt and padding (not shifted).
@@ -33,11 +33,11 @@ in the dtype its attention needs, see :func:`attention_mask_4d`):
 
 from __future__ import annotations
 
-import torch
-
 from typing import Any
 
-from lit_dpo.data.collate import IGNORE_INDEX, answers_of, extra_fields, pad_completions
+import torch
+
+from lit_dpo.data.collate import IGNORE_INDEX, split_rows
 
 SHARED_KEY = "answer_index"  # a batch holding this key is in the shared layout
 
@@ -56,11 +56,8 @@ class SharedPromptCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        prompts = [row["prompt_input_ids"] for row in rows]
-        batch: dict[str, Any] = pack_shared_prompt(prompts, [answers_of(row) for row in rows], self.pad_token_id)
-        batch["prompt_count"] = len(rows)
-        batch.update(extra_fields(rows))
-        return batch
+        prompts, answers, extra = split_rows(rows)
+        return {**pack_shared_prompt(prompts, answers, self.pad_token_id), "prompt_count": len(rows), **extra}
 
 
 def pack_shared_prompt(
@@ -103,86 +100,4 @@ def pack_shared_prompt(
         "labels": labels,
         "position_ids": position_ids,
         "answer_index": answer_index,
-    }
-
-
-def attention_mask_4d(answer_index: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """The [B, 1, T, T] mask of the shared layout, in the form the attention backend adds or selects with.
-
-    Query i may attend key j iff j <= i and key j is a prompt token or belongs to the same answer as i;
-    padding queries get a plain causal row (never all-masked, which would make SDPA return NaN).
-
-    Args:
-        answer_index: [B, T] as built by :func:`pack_shared_prompt`.
-        attention_mask: [B, T] 1 on real tokens, 0 on padding.
-        dtype: None for a boolean mask (True = attend; what SDPA takes); a float dtype for an additive
-            mask of 0 / finfo(dtype).min (what eager attention needs: it *adds* the mask to the scores,
-            so a boolean mask there would mask nothing).
-
-    Returns:
-        The mask, on the device of `answer_index`.
-    """
-    length = answer_index.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=answer_index.device).tril()
-    query, key = answer_index[:, :, None], answer_index[:, None, :]
-    prompt_key = (key == -1) & (attention_mask[:, None, :] == 1)
-    padding_query = attention_mask[:, :, None] == 0
-    allowed = causal & (prompt_key | (key == query) | padding_query)
-    allowed = allowed[:, None]
-    if dtype is None:
-        return allowed
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
-
-
-def predictor_positions(labels: torch.Tensor, answer_index: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each scored token is predicted from: (row, column) of the hidden state whose logits give it.
-
-    A token inside an answer is predicted by the token before it; the first token of an answer by the last
-    prompt token, whose column is its position id minus one (prompt columns equal their position ids).
-
-    Args:
-        labels: [B, T] token ids on answer tokens, -100 elsewhere.
-        answer_index: [B, T] as built by :func:`pack_shared_prompt`.
-        position_ids: [B, T] as built by :func:`pack_shared_prompt`.
-
-    Returns:
-        `(scored, source)`: `scored` [B, T] bool, the label positions that are scored (all answer tokens
-        that have a predictor, i.e. all of them unless the prompt is empty); `source` [N] flat indices into
-        the [B * T] hidden states, one per True in `scored` (row-major order).
-    """
-    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
-    first = (cols == 0) | (answer_index[rows, (cols - 1).clamp(min=0)] != answer_index[rows, cols])
-    source_cols = torch.where(first, position_ids[rows, cols] - 1, cols - 1)
-    keep = source_cols >= 0  # an empty prompt leaves the first answer token unpredicted, as in the plain layout
-    scored = torch.zeros_like(labels, dtype=torch.bool)
-    scored[rows[keep], cols[keep]] = True
-    return scored, rows[keep] * labels.shape[1] + source_cols[keep]
-
-
-def to_plain_layout(batch: dict) -> dict:
-    """The same prompts and answers as a plain batch (A row blocks of B rows), for attention backends that
-    cannot take a custom 4D mask (e.g. flash_attention_2).
-
-    Args:
-        batch: A shared-layout batch (tensors may be on any device).
-
-    Returns:
-        `input_ids`, `attention_mask`, `labels` [A * B, T'] (rows: all prompts with answer 0, then all with
-        answer 1, ...) and `prompt_count` = B, on the device of the input.
-    """
-    ids, index, mask = batch["input_ids"].cpu(), batch["answer_index"].cpu(), batch["attention_mask"].cpu()
-    count = int(index.max()) + 1
-    prompts, completions = [], []
-    for j in range(count):
-        for b in range(ids.shape[0]):
-            prompts.append(ids[b][(index[b] == -1) & (mask[b] == 1)].tolist())
-            completions.append(ids[b][index[b] == j].tolist())
-    input_ids, attention_mask, labels = pad_completions(prompts, completions, pad_token_id=0)  # any id: masked
-    device = batch["input_ids"].device
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": attention_mask.to(device),
-        "labels": labels.to(device),
-        "prompt_count": ids.shape[0],
     }

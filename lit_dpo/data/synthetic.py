@@ -18,12 +18,8 @@ Records have the schema shared with the MovieLens builder:
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 GENRES = (
     "Action",
@@ -170,27 +166,3 @@ def generate_pairs(num_pairs: int, seed: int = 0, history_len: int = 10, num_can
     rng = random.Random(seed)
     catalogue = build_catalogue(rng)
     return [_make_pair(rng, catalogue, history_len, num_candidates) for _ in range(num_pairs)]
-
-
-def write_jsonl(records: list[dict], path: str | os.PathLike) -> Path:
-    """Write `records` as JSON lines to `path` atomically (a concurrent reader never sees a partial file).
-
-    Args:
-        records: JSON-serialisable dicts, one per line.
-        path: Destination file; parent directories are created.
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -1,8 +1,11 @@
-"""Tokenizing preference pairs and fitting them into `max_length`: the `Dataset.map` function.
+"""Tokenizing preference pairs and fitting them into `max_length`: one split at a time, cached by `datasets`.
 
 Prompts are truncated from the left because the end of a prompt (the question and, with a chat template,
 the assistant header) is what the completion follows; completions are never truncated, since DPO compares
-their full log-probabilities. A pair whose completion alone cannot fit is marked for dropping.
+their full log-probabilities. A pair whose completion alone cannot fit is dropped and counted.
+
+Tokenization runs through `datasets.Dataset.map` with an explicit fingerprint (source rows + tokenizer +
+settings), so a second run over the same data reads the tokenized Arrow cache instead of re-tokenizing.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 
-from lit_dpo.data.loading import Columns
+import datasets
+import numpy as np
+
+from lit_dpo.data.loading import Columns, DataError, digest
 
 TOKENIZATION_VERSION = 2  # bump when `tokenize_batch` changes, so cached tokenized datasets are not reused
 HELPER_COLUMNS = ("_too_long", "_truncated", "_identical", "_prompt_len", "_completion_len")
@@ -99,3 +105,81 @@ def tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     content = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()
+
+
+def tokenize_split(
+    dataset: datasets.Dataset,
+    fingerprint: str,
+    tokenizer,
+    columns: Columns,
+    *,
+    chat: bool,
+    max_prompt_length: int,
+    max_length: int,
+    split: str,
+    key: str,
+) -> tuple[datasets.Dataset, dict, np.ndarray, str]:
+    """Tokenize one split, fit every pair into `max_length`, drop the pairs that cannot fit.
+
+    Args:
+        dataset: The loaded rows (`lit_dpo.data.loading.Source.dataset`).
+        fingerprint: Their `Source.fingerprint`.
+        tokenizer: The policy's tokenizer.
+        columns: Which columns hold the texts.
+        chat: Wrap prompts in the tokenizer's chat template.
+        max_prompt_length: Prompt tokens kept, from the end.
+        max_length: Longest prompt + answer.
+        split: "train", "val" or "test", for messages.
+        key: The config key the rows came from ("train_path", ...), for messages.
+
+    Returns:
+        `(tokenized, stats, lengths, fingerprint)`: the rows with token-id columns (texts removed, extra
+        columns kept); the split's stats (see `PreferenceDataModule.stats`); each kept pair's tokens
+        (prompt + longest answer); and the fingerprint of `tokenized`, which identifies its content.
+    """
+    settings = {
+        "source": fingerprint,
+        "tokenizer": tokenizer.name_or_path,
+        "tokenizer_class": type(tokenizer).__name__,
+        "vocab": tokenizer_digest(tokenizer),
+        "chat_template": tokenizer.chat_template if chat else None,
+        "columns": columns.items(),
+        "max_prompt_length": max_prompt_length,
+        "max_length": max_length,
+        "version": TOKENIZATION_VERSION,
+    }
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+    tokenized = dataset.map(
+        tokenize_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "columns": columns, "chat": chat, "max_prompt_length": max_prompt_length,
+                   "max_length": max_length},
+        remove_columns=[name for _, name in columns.items()],
+        new_fingerprint=fingerprint,
+        desc=f"Tokenizing {split} pairs",
+    )
+    flags = tokenized.select_columns(list(HELPER_COLUMNS)).with_format("numpy")[:]
+    keep = np.flatnonzero(~flags["_too_long"])
+    if len(keep) == 0:
+        raise DataError(
+            f"data.{key}: all {len(tokenized)} {split} pairs were dropped as too long: even the shortest needs "
+            f"{int(flags['_completion_len'].min())} completion tokens, more than data.max_length - 1 = "
+            f"{max_length - 1}; raise data.max_length or shorten the completions"
+        )
+    kept = {name: values[keep] for name, values in flags.items()}
+    stats = {
+        "pairs": len(keep),
+        "dropped_too_long": len(tokenized) - len(keep),
+        "identical_pairs": int(kept["_identical"].sum()),
+        "truncated_prompts": int(kept["_truncated"].sum()),
+        "prompt_tokens_mean": float(kept["_prompt_len"].mean()),
+        "prompt_tokens_max": int(kept["_prompt_len"].max()),
+        "completion_tokens_mean": float(kept["_completion_len"].mean()),
+        "completion_tokens_max": int(kept["_completion_len"].max()),
+    }
+    if stats["dropped_too_long"]:
+        fingerprint = digest({"tokenized": fingerprint, "dropped_too_long": True})
+        tokenized = tokenized.select(keep, new_fingerprint=fingerprint)
+    fingerprint = digest({"tokenized": fingerprint, "helper_columns": "removed"})
+    tokenized = tokenized.remove_columns(list(HELPER_COLUMNS), new_fingerprint=fingerprint)
+    return tokenized, stats, kept["_prompt_len"] + kept["_completion_len"], fingerprint

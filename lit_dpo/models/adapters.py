@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lit_dpo.errors import UserInputError
+from lit_dpo.files import read_checkpoint
 
 REFERENCE_ADAPTER = "reference"
 _ADAPTER_NAME = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.default(\.|$)")
@@ -45,17 +46,14 @@ def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     source = Path(path).expanduser()
     if source.is_dir():
         return _read_peft_dir(source)
-    if not source.is_file():
-        raise AdapterError(
-            f"model.init_adapter: not found: {path} (give the last.ckpt/best.ckpt of an SFT run, "
-            "e.g. tb_logs/sft/version_0/checkpoints/last.ckpt, or a PEFT adapter directory)"
-        )
-    try:
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise AdapterError(f"model.init_adapter: {path} is not a readable checkpoint ({type(error).__name__})") from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise AdapterError(f"model.init_adapter: {path} has no state_dict; give a checkpoint written by python -m lit_dpo fit")
+    checkpoint = read_checkpoint(
+        path,
+        option="model.init_adapter",
+        required=("state_dict",),
+        hint="give the last.ckpt/best.ckpt of an SFT run, e.g. tb_logs/sft/version_0/checkpoints/last.ckpt, "
+        "or a PEFT adapter directory",
+        error=AdapterError,
+    )
     hparams = checkpoint.get("hyper_parameters", {})
     if hparams.get("finetuning", "lora") != "lora":
         raise AdapterError(f"model.init_adapter: {path} is a full fine-tuning checkpoint; an adapter needs a finetuning: lora run")
@@ -111,11 +109,7 @@ def attach_init_adapter(policy: torch.nn.Module, path: str, *, lora_r: int, lora
                 f"model.init_adapter: {path} does not fit this model's adapters (first mismatch: {first}); "
                 "model.model_name_or_path and model.lora_target_modules must match the SFT run"
             )
-    for name, param in policy.named_parameters():
-        if f".{REFERENCE_ADAPTER}." in name:
-            param.requires_grad_(False)
-    with contextlib.suppress(AttributeError):
-        policy.base_model.set_adapter("default")  # add_adapter may leave the new one trainable/active
+    policy.set_adapter("default")  # active and trainable again; every other adapter (the reference) frozen
 
 
 def has_reference_adapter(policy: torch.nn.Module) -> bool:
@@ -124,16 +118,14 @@ def has_reference_adapter(policy: torch.nn.Module) -> bool:
 
 @contextlib.contextmanager
 def reference_adapter_active(policy: torch.nn.Module) -> Iterator[None]:
-    """Run the frozen `reference` adapter instead of `default`, without touching `requires_grad`
-    (PEFT's `set_adapter` would make the reference trainable and freeze the policy)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    """Run the frozen `reference` adapter instead of `default`, leaving `requires_grad` as it was after.
 
-    layers = [m for m in policy.modules() if isinstance(m, BaseTunerLayer)]
-    saved = [layer._active_adapter for layer in layers]
-    for layer in layers:
-        layer._active_adapter = [REFERENCE_ADAPTER]
+    PEFT's `set_adapter` also sets which adapter trains: with `inference_mode=True` every adapter is
+    frozen while the reference runs (under no_grad, so nothing is lost), and switching back makes
+    `default` trainable again, as PEFT's own `disable_adapter()` does for the base-model reference.
+    """
+    policy.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
     try:
         yield
     finally:
-        for layer, active in zip(layers, saved):
-            layer._active_adapter = active
+        policy.set_adapter("default")

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lit_dpo.sweep import Sweep
+from lit_dpo.sweep.plan import Sweep
 
 CURVES = (("train/loss", "train loss (per optimizer step)"), ("val/loss", "val loss"))
 METRICS = (("final_val_loss", "final val loss"), ("best_val_loss", "best val loss"),

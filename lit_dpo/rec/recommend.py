@@ -1,4 +1,4 @@
-"""`python -m lit_dpo recommend`: one recommended movie per prompt, from a trained checkpoint.
+"""Recommendations from a trained checkpoint (`python -m lit_dpo recommend`): one movie per prompt.
 
 Input: a JSONL file, one object per line with `prompt` (the user's history and the candidate list,
 as in training) and `candidates` (the titles to choose from); an `id`, `prompt_id` or `user_id` is
@@ -15,13 +15,12 @@ is what a chat deployment would say and may name none (`answer_candidate: null`)
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from lit_dpo.errors import UserInputError
-from lit_dpo.evaluation import parse_answer
+from lit_dpo.rec.metrics import candidate_scores, parse_answer
+from lit_dpo.rec.scoring import generate_answer, score_candidates
 
 ID_KEYS = ("prompt_id", "id", "user_id")
 
@@ -59,9 +58,6 @@ def read_prompts(path: Path) -> list[dict]:
 
 def recommend(module, tokenizer, records: list[dict], *, generate: bool, max_new_tokens: int, chat: bool, length_normalise: bool) -> list[dict]:
     """The output rows (module docstring) for `records`."""
-    from lit_dpo.evaluation import candidate_scores
-    from lit_dpo.ranking import generate_answer, score_candidates
-
     rows = []
     for record in records:
         summed, counts = score_candidates(module, tokenizer, record["prompt"], record["candidates"], use_chat_template=chat)
@@ -78,41 +74,3 @@ def recommend(module, tokenizer, records: list[dict], *, generate: bool, max_new
             row.update(answer=answer, answer_candidate=parse_answer(answer, record["candidates"]))
         rows.append(row)
     return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`recommend --ckpt_path CKPT --input prompts.jsonl --out recs.jsonl [--generate] ...`; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="lit_dpo")
-    commands = parser.add_subparsers(dest="command", required=True)
-    cmd = commands.add_parser("recommend", help="recommend one candidate per prompt with a trained checkpoint")
-    cmd.add_argument("--ckpt_path", required=True, help="a .ckpt written by `python -m lit_dpo fit`")
-    cmd.add_argument("--input", required=True, type=Path, help="JSONL with prompt and candidates per line")
-    cmd.add_argument("--out", required=True, type=Path, help="JSONL to write, one recommendation per input line")
-    cmd.add_argument("--generate", action="store_true", help="also decode a greedy answer per prompt (slower)")
-    cmd.add_argument("--max_new_tokens", type=int, default=32, help="length cap of the greedy answer")
-    cmd.add_argument("--length_normalise", action="store_true", help="rank by mean per-token log-prob instead of the sum")
-    cmd.add_argument("--no_chat_template", action="store_true", help="plain prompts (if the run used use_chat_template: false)")
-    args = parser.parse_args(argv)
-    try:
-        records = read_prompts(args.input)
-        from lit_dpo.checkpoints import load_trained_module
-        from lit_dpo.models import load_tokenizer
-
-        module = load_trained_module(args.ckpt_path, command="recommend")
-        tokenizer = load_tokenizer(module.hparams.model_name_or_path, trust_remote_code=module.hparams.trust_remote_code)
-        chat = not args.no_chat_template and tokenizer.chat_template is not None
-        rows = recommend(
-            module, tokenizer, records, generate=args.generate, max_new_tokens=args.max_new_tokens, chat=chat,
-            length_normalise=args.length_normalise,
-        )  # fmt: skip
-    except UserInputError as error:
-        print(f"lit_dpo: error: {error}", file=sys.stderr)
-        return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    print(f"lit_dpo recommend: wrote {len(rows)} recommendations to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,10 @@
-"""Scoring a trained policy on candidate-list recommendation prompts and writing `results.json`.
+"""Scoring a trained policy on candidate-list recommendation prompts: likelihood ranking, greedy answers, metrics.
 
 The thesis question (does DPO beat SFT on ranking adherence?) needs every run evaluated the same
 way on the same prompts. For each prompt this module ranks the K candidate titles by the policy's
 log-probability of each title as the completion (tokenized exactly as in training: chat-templated
 prompt, title + EOS), optionally lets the policy answer greedily, and turns both into the metrics of
-:mod:`lit_dpo.evaluation`. The output is the `results.json` schema that :mod:`lit_dpo.report` reads.
+:mod:`lit_dpo.rec.metrics`. The result is what :mod:`lit_dpo.rec.results` writes as `results.json`.
 
 Metric names (all in [0, 1]):
     ``hit@1``: the headline, HR@1 of the summed log-prob ranking. Summed log-prob is the quantity DPO
@@ -18,12 +18,11 @@ Metric names (all in [0, 1]):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from torch import Tensor
 
@@ -31,7 +30,8 @@ from lit_dpo.data.collate import pad_completions
 from lit_dpo.data.shared_prompt import pack_shared_prompt
 from lit_dpo.data.tokenize import encode_completions, encode_prompts
 from lit_dpo.errors import UserInputError
-from lit_dpo.evaluation import (
+from lit_dpo.forward import custom_mask_kind
+from lit_dpo.rec.metrics import (
     candidate_scores,
     generation_metrics,
     parse_answer,
@@ -40,7 +40,7 @@ from lit_dpo.evaluation import (
     rank_of_target,
     ranking_metrics,
 )
-from lit_dpo.report import HIT_KEY, RESULTS_FILE
+from lit_dpo.rec.results import HIT_KEY
 
 KS = (1, 5, 10)
 HEADLINE = "sum"  # which score `hit@1` (and so McNemar in the report) uses; see the module docstring
@@ -96,7 +96,7 @@ def score_candidates(
     candidates: Sequence[str],
     batch_size: int = 32,
     use_chat_template: bool = True,
-    prefix_sharing: bool = True,
+    prefix_sharing: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-prob of each candidate as the completion of `prompt`, and its token count.
 
@@ -109,7 +109,8 @@ def score_candidates(
         use_chat_template: Tokenize the prompt with the chat template, as the run was trained.
         prefix_sharing: Score the candidates of a forward pass as one row, the prompt once followed by
             every candidate (`lit_dpo.data.shared_prompt`; same numbers, the prompt computed once instead
-            of once per candidate); False gives one padded prompt + candidate row per candidate.
+            of once per candidate); False gives one padded prompt + candidate row per candidate. None:
+            the shared row whenever the policy's attention takes its custom mask.
 
     Returns:
         ``(summed, counts)``: float32 [K] summed log-probs (nats) and int64 [K] completion token counts.
@@ -119,6 +120,8 @@ def score_candidates(
     prompt_ids = encode_prompt(tokenizer, prompt, use_chat_template)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _device(module)
+    if prefix_sharing is None:  # decided once per call, not per forward
+        prefix_sharing = custom_mask_kind(module.policy) is not None
     sums, counts = [], []
     with _eval_mode(module):
         for start in range(0, len(candidates), batch_size):
@@ -241,42 +244,24 @@ def evaluate_ranking(
     return {"headline": f"{HIT_KEY} = hr@1_{HEADLINE}", "metrics": metrics, "per_prompt": per_prompt, "answers": answers}
 
 
-# ------------------------------------------------------------------------------------------ output
-def write_results(
-    results: dict[str, Any],
-    run_dir: Path,
-    *,
-    run: str,
-    loss_type: str | None,
-    beta: float | None,
-    learning_rate: float | None,
-    epochs: int | None,
-) -> Path:
-    """Write `results.json` (the `lit_dpo.report` schema) and a small `results.md` table into `run_dir`.
+def ranking_records(dataset: datasets.Dataset | None) -> list[dict]:
+    """Recommendation records of a tokenized split for :func:`evaluate_ranking`.
 
-    Args:
-        results: The output of :func:`evaluate_ranking`.
-        run_dir: The run directory (created if missing).
-        run: Display name; loss_type, beta, learning_rate, epochs: the run's hyperparameters (None if unknown).
-
-    Returns:
-        The path of `results.json`.
+    Each record holds the tokenized prompt (chat template and truncation exactly as in the pair
+    metrics) under `prompt`, plus `candidates`, `target` and a `prompt_id` (the `prompt_id`/`user_id`/`id`
+    column, else the row number). Empty when the split has no `candidates`/`target` columns.
     """
-    if "metrics" not in results:
-        raise RankingInputError("results: missing `metrics`; pass the dict returned by evaluate_ranking")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "run": run,
-        "loss_type": loss_type,
-        "beta": beta,
-        "learning_rate": learning_rate,
-        "epochs": epochs,
-        **{k: v for k, v in results.items() if k not in ("run", "loss_type", "beta", "learning_rate", "epochs")},
-    }
-    path = run_dir / RESULTS_FILE
-    path.write_text(json.dumps(payload, indent=2))
-    lines = [f"# {run}", "", f"Headline: {results.get('headline', HIT_KEY)}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {value:.4f} |" for name, value in results["metrics"].items()]
-    (run_dir / "results.md").write_text("\n".join(lines) + "\n")
-    return path
+    if dataset is None or not {"candidates", "target"} <= set(dataset.column_names):
+        return []
+    id_column = next((c for c in ("prompt_id", "user_id", "id") if c in dataset.column_names), None)
+    columns = ["prompt_input_ids", "candidates", "target"] + ([id_column] if id_column else [])
+    rows = dataset.select_columns(columns).to_list()
+    return [
+        {
+            "prompt": row["prompt_input_ids"],
+            "candidates": row["candidates"],
+            "target": row["target"],
+            "prompt_id": str(row[id_column]) if id_column else str(i),
+        }
+        for i, row in enumerate(rows)
+    ]

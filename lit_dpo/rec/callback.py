@@ -1,4 +1,4 @@
-"""RankingEvaluation: the recommendation metrics of `lit_dpo.ranking` inside `fit` and `test`.
+"""RankingEvaluation: the recommendation metrics of `lit_dpo.rec.scoring` inside `fit` and `test`.
 
 The thesis question is about ranking adherence, which the DPO loss does not show directly: a run can
 win preference pairs and still rank the true next movie low among 20 candidates. So whenever the
@@ -24,7 +24,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from lit_dpo.callbacks.diagnosis import rank_zero_log_dir
-from lit_dpo.ranking import evaluate_ranking, write_results
+from lit_dpo.rec.results import write_results
+from lit_dpo.rec.scoring import evaluate_ranking, ranking_records
 
 VAL_METRICS = ("hit@1", "ndcg@5_sum", "mrr_sum")
 # test-loop metrics copied into results.json: the guide's "80-85% accuracy" is preference accuracy
@@ -119,10 +120,8 @@ class RankingEvaluation(L.Callback):
 
 
 def _records(trainer: L.Trainer, split: str, limit: int | None) -> list[dict]:
-    datamodule = trainer.datamodule
-    if datamodule is None or not hasattr(datamodule, "ranking_records"):
-        return []
-    records = datamodule.ranking_records(split)
+    """The split's recommendation records (none without a data module holding `<split>_dataset`)."""
+    records = ranking_records(getattr(trainer.datamodule, f"{split}_dataset", None))
     return records[:limit] if limit is not None else records
 
 

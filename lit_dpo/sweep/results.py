@@ -15,9 +15,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lit_dpo.report import HIT_KEY, RESULTS_FILE, ALPHA, bootstrap_ci, mcnemar
-from lit_dpo.sweep import Sweep, SweepInputError
-from lit_dpo.sweep_runs import REUSE_FILE, load_record, run_dir
+from lit_dpo.files import atomic_path, write_text
+from lit_dpo.rec.results import HIT_KEY, RESULTS_FILE
+from lit_dpo.rec.stats import ALPHA, bootstrap_ci, mcnemar
+from lit_dpo.sweep.plan import Sweep, SweepInputError
+from lit_dpo.sweep.plots import plot_loss_curves, plot_metrics
+from lit_dpo.sweep.runs import REUSE_FILE, load_record, run_dir
 
 METRIC_COLUMNS = ["final_val_loss", "best_val_loss", "val_reward_accuracy", "val_reward_margin", "val_hit@1",
                   HIT_KEY, f"{HIT_KEY}_ci_low", f"{HIT_KEY}_ci_high", "ndcg@10", "ndcg@10_ci_low", "ndcg@10_ci_high"]
@@ -74,7 +77,7 @@ def test_metrics(path: Path) -> dict[str, Any]:
     results = json.loads(path.read_text())
     out: dict[str, Any] = {}
     per_prompt = results.get("per_prompt", {})
-    for metric, key in ((HIT_KEY, HIT_KEY), ("ndcg@10", "ndcg@10_sum")):  # lit_dpo.ranking's names
+    for metric, key in ((HIT_KEY, HIT_KEY), ("ndcg@10", "ndcg@10_sum")):  # lit_dpo.rec.scoring's names
         if per_prompt.get(key):
             mean, low, high = bootstrap_ci(per_prompt[key])
             out.update({metric: mean, f"{metric}_ci_low": low, f"{metric}_ci_high": high})
@@ -122,12 +125,10 @@ def write_results(sweep: Sweep, best_by: str = "auto") -> str:
         best_by = HIT_KEY if any(_number(r.get(HIT_KEY)) is not None for r in rows) else "val_reward_accuracy"
     if best_by not in columns:
         raise SweepInputError(f"--best-by {best_by}: not a results column; choose one of {', '.join(METRIC_COLUMNS[:5])}")
-    with (sweep.directory / "results.csv").open("w", newline="") as f:
+    with atomic_path(sweep.directory / "results.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows([{k: ("" if r.get(k) is None else r.get(k)) for k in columns} for r in rows])
-    from lit_dpo.sweep_plots import plot_loss_curves, plot_metrics
-
     plots = plot_loss_curves(sweep, scalars) + plot_metrics(sweep, rows)
     _, sentence = best_run(rows, best_by)
     shown = [c for c in columns if c != "version" and any(r.get(c) not in (None, "") for r in rows)]
@@ -138,7 +139,7 @@ def write_results(sweep: Sweep, best_by: str = "auto") -> str:
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in shown) + " |" for r in rows]
     lines += ["", "Plots: " + ", ".join(f"`{p.relative_to(sweep.directory)}`" for p in plots), ""]
     text = "\n".join(lines)
-    (sweep.directory / "results.md").write_text(text)
+    write_text(sweep.directory / "results.md", text)
     return text
 
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
-from lit_dpo.report import RESULTS_FILE
-from lit_dpo.sweep import EPOCHS_KEY, PlannedRun, Sweep
+from lit_dpo.files import write_json, write_text
+from lit_dpo.rec.results import RESULTS_FILE
+from lit_dpo.sweep.plan import EPOCHS_KEY, PlannedRun, Sweep
 
 EPOCH_CALLBACK = "lit_dpo.callbacks.EpochCheckpoints"
 REUSE_FILE = "reused_checkpoint.json"
@@ -43,18 +44,14 @@ def load_record(sweep: Sweep, run: PlannedRun) -> dict[str, Any]:
 
 
 def save_record(sweep: Sweep, run: PlannedRun, record: dict[str, Any]) -> None:
-    path = record_path(sweep, run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)  # a sweep killed mid-write must not leave half a record
+    write_json(record_path(sweep, run), record)  # atomic: a sweep killed mid-write leaves no half record
 
 
 def run_sweep(sweep: Sweep, test: bool = True, shard: tuple[int, int] | None = None) -> int:
     """Train (or resume, or reuse) every run of `sweep` that is not done yet.
 
     Args:
-        sweep: The plan from `lit_dpo.sweep.plan`.
+        sweep: The plan from `lit_dpo.sweep.plan.plan`.
         test: Run `python -m lit_dpo test` after each fit (results.json for HR@1 / NDCG).
         shard: `(i, n)`: only every n-th trained run starting at i, with the runs reusing its checkpoints.
 
@@ -202,7 +199,7 @@ def reuse_epoch_checkpoint(sweep: Sweep, source: PlannedRun, run: PlannedRun, te
             "exact": run.reuse_exact}
     if epoch < epochs:
         note["stopped_early"] = f"the source stopped after epoch {epoch}, so a {epochs}-epoch run would too"
-    (directory / REUSE_FILE).write_text(json.dumps(note, indent=2))
+    write_json(directory / REUSE_FILE, note)
     record.update(status="done", error=None, reused=note, test=run_test(sweep, run) if test else "off")
     save_record(sweep, run, record)
     print(f"[sweep]   {run.run_id}: epoch {epoch} checkpoint of {source.run_id} "
@@ -219,7 +216,7 @@ def write_config(source: Path, target: Path, sweep: Sweep, run: PlannedRun) -> N
         logger["init_args"]["version"] = run.version
     callbacks = config["trainer"].get("callbacks") or []
     config["trainer"]["callbacks"] = [c for c in callbacks if not str(c.get("class_path", "")).endswith("EpochCheckpoints")] or None
-    target.write_text(yaml.safe_dump(config, sort_keys=False))
+    write_text(target, yaml.safe_dump(config, sort_keys=False))
 
 
 def copy_scalars(source: Path, target: Path, max_step: int) -> None:

@@ -1,27 +1,18 @@
-"""`python -m lit_dpo sweep`: the guide's ablations (beta, learning rate, epochs, ...) as one command.
+"""Planning a sweep: which configurations run, in which `version_N`, and which reuse another's checkpoints.
 
-    python -m lit_dpo sweep --config configs/balanced.yaml --grid model.beta=0.05,0.1,0.2,0.5 \\
-        --grid model.learning_rate=1e-5,5e-5,1e-4 [--product] [--name NAME] [-- extra fit arguments]
-
-Each `--grid KEY=V1,V2,...` names any dotted config key. Several grids are one-at-a-time ablations
+Each grid `KEY=V1,V2,...` names any dotted config key. Several grids are one-at-a-time ablations
 around the base config (a run per value, the other keys at their base value; the base config itself
-runs once), `--product` runs the cartesian product. Every run is `python -m lit_dpo fit` in a
-subprocess (then `test` when it writes `results.json`), in its own `tb_logs/<name>/version_N`.
-Re-running the same command skips finished runs, resumes interrupted ones from their `last.ckpt` and
-retries failed ones. This module plans the runs; `lit_dpo.sweep_runs` runs them and
-`lit_dpo.sweep_results` writes `results.csv`, `results.md` and the plots. See docs/sweeps.md.
+runs once); `product` runs the cartesian product. Every run is `python -m lit_dpo fit` in its own
+`tb_logs/<name>/version_N`, the version fixed at first planning (`sweep.json`) so that re-running the
+same command finds each run again. `lit_dpo.sweep.runs` runs them; `lit_dpo.sweep.results` writes
+`results.csv`, `results.md` and the plots. The command is `lit_dpo.commands.sweep`; see docs/sweeps.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import os
 import re
-import signal
-import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +20,7 @@ from typing import Any
 import yaml
 
 from lit_dpo.errors import UserInputError
+from lit_dpo.files import write_json
 
 EPOCHS_KEY = "trainer.max_epochs"
 SCHEDULE_KEY = "model.lr_scheduler_type"
@@ -178,10 +170,7 @@ def assign_versions(directory: Path, runs: list[PlannedRun]) -> None:
             known[run.run_id] = max(used, default=-1) + 1
             used.add(known[run.run_id])
         run.version = known[run.run_id]
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = plan_path.with_name(f".{PLAN_FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps({"versions": known}, indent=2))
-    tmp.replace(plan_path)  # atomic: shards started together never read half a file
+    write_json(plan_path, {"versions": known})  # atomic: shards started together never read half a file
 
 
 def mark_epoch_reuse(sweep: Sweep, mode: str) -> None:
@@ -216,16 +205,33 @@ def mark_epoch_reuse(sweep: Sweep, mode: str) -> None:
                 run.reuse_of, run.reuse_exact = longest.run_id, exact
 
 
-def plan(args: argparse.Namespace, fit_args: list[str]) -> Sweep:
-    """Read the base config and the grids; decide the runs, their versions and any epoch reuse."""
-    config = Path(args.config)
+def plan(
+    config: str | Path,
+    grid: list[str],
+    fit_args: list[str],
+    *,
+    product: bool = False,
+    name: str | None = None,
+    epoch_reuse: str = "exact",
+) -> Sweep:
+    """Read the base config and the grids; decide the runs, their versions and any epoch reuse.
+
+    Args:
+        config: The base config file (what `fit --config` takes).
+        grid: `KEY=V1,V2,...` per swept key.
+        fit_args: Extra `fit` arguments for every run (they override the base config).
+        product: Cartesian product instead of one-at-a-time ablations.
+        name: Sweep folder under the logger's save_dir; None: `<logger name>-sweep-<keys>`.
+        epoch_reuse: `exact`, `approximate` or `off` (see `mark_epoch_reuse`).
+    """
+    config = Path(config)
     if not config.is_file():
         raise SweepInputError(f"--config {config}: no such file; pass a YAML config such as configs/balanced.yaml")
     try:
         base = yaml.safe_load(config.read_text()) or {}
     except yaml.YAMLError as error:
         raise SweepInputError(f"--config {config}: not valid YAML ({str(error).splitlines()[0]})") from None
-    grids = [parse_grid(spec) for spec in args.grid]
+    grids = [parse_grid(spec) for spec in grid]
     keys = [key for key, _ in grids]
     if len(set(keys)) != len(keys):
         raise SweepInputError("--grid: a key is given twice; list all its values in one --grid KEY=V1,V2")
@@ -236,91 +242,12 @@ def plan(args: argparse.Namespace, fit_args: list[str]) -> Sweep:
     base_value = lambda key: effective(base, fit_values, key)  # noqa: E731
     save_dir = Path(str(effective(base, fit_values, "trainer.logger.init_args.save_dir", "tb_logs")))
     logger_name = effective(base, fit_values, "trainer.logger.init_args.name", config.stem)
-    name = args.name or f"{logger_name}-sweep-" + "-".join(key.split(".")[-1] for key in keys)
+    name = name or f"{logger_name}-sweep-" + "-".join(key.split(".")[-1] for key in keys)
     runs = []
-    for overrides in plan_overrides(grids, args.product, base_value):
+    for overrides in plan_overrides(grids, product, base_value):
         values = {key: parse_value(overrides[key]) if key in overrides else base_value(key) for key in keys}
         runs.append(PlannedRun(run_id_of(overrides), overrides, values=values))
-    sweep = Sweep(name, save_dir / name, config, keys, args.product, runs, fit_args, base)
+    sweep = Sweep(name, save_dir / name, config, keys, product, runs, fit_args, base)
     assign_versions(sweep.directory, runs)
-    mark_epoch_reuse(sweep, args.epoch_reuse)
+    mark_epoch_reuse(sweep, epoch_reuse)
     return sweep
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m lit_dpo sweep",
-        description="Ablations over config keys: one fit per configuration, then tables and plots. "
-        "Arguments after `--` (or any unknown --key=value) go to every `fit` unchanged.",
-    )
-    parser.add_argument("--config", required=True, help="base config, e.g. configs/balanced.yaml")
-    parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
-                        help="a dotted config key and its values; repeat for more keys")
-    parser.add_argument("--product", action="store_true", help="cartesian product instead of one-at-a-time ablations")
-    parser.add_argument("--name", default=None, help="sweep folder under the logger's save_dir "
-                        "(default: <logger name>-sweep-<keys>)")
-    parser.add_argument("--epoch-reuse", choices=["exact", "approximate", "off"], default="exact",
-                        help="serve shorter trainer.max_epochs values from the longest run's epoch checkpoints: "
-                        "exact = only with a constant LR schedule (default), approximate = always (labelled), off")
-    parser.add_argument("--test", choices=["auto", "off"], default="auto",
-                        help="auto: run `test` after each fit and read results.json when it is written")
-    parser.add_argument("--best-by", default="auto", help="metric that names the best run: a results.csv column "
-                        "such as hit@1 or val_reward_accuracy (auto: hit@1 when available, else val_reward_accuracy)")
-    parser.add_argument("--devices-per-run", type=int, default=None,
-                        help="trainer.devices for every run (multi-GPU runs; see --shard for one run per GPU)")
-    parser.add_argument("--shard", default=None, metavar="I/N",
-                        help="run only every N-th trained configuration starting at I (one process per GPU)")
-    parser.add_argument("--results-only", action="store_true", help="train nothing; rebuild results and plots")
-    parser.add_argument("--dry-run", action="store_true", help="print the planned runs (versions, reuse) and "
-                        "fix their version numbers in sweep.json; train nothing")
-    argv = list(argv)
-    if argv[:1] == ["sweep"]:  # `python -m lit_dpo` passes the subcommand through
-        argv = argv[1:]
-    args, extra = parser.parse_known_args(argv)
-    extra = [a for a in extra if a != "--"]
-    if args.shard is not None:
-        match = re.fullmatch(r"(\d+)/(\d+)", args.shard)
-        if not match or not int(match[1]) < int(match[2]):
-            raise SweepInputError(f"--shard {args.shard}: expected I/N with 0 <= I < N, e.g. --shard 0/4")
-        args.shard = (int(match[1]), int(match[2]))
-    if args.devices_per_run is not None:
-        if args.devices_per_run < 1:
-            raise SweepInputError(f"--devices-per-run {args.devices_per_run}: must be >= 1")
-        extra.append(f"--trainer.devices={args.devices_per_run}")
-    return args, extra
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Plan, run, tabulate. Returns 0 when every run finished, 1 when some failed, 2 on bad input."""
-    if threading.current_thread() is not threading.main_thread():
-        return _main(argv)
-    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the running fit is stopped with the sweep
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        return _main(argv)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _main(argv: list[str] | None) -> int:
-    from lit_dpo.sweep_results import write_results
-    from lit_dpo.sweep_runs import run_sweep
-
-    try:
-        args, fit_args = parse_args(sys.argv[1:] if argv is None else argv)
-        sweep = plan(args, fit_args)
-        print(f"[sweep] {sweep.name}: {len(sweep.runs)} run(s) in {sweep.directory}", flush=True)
-        if args.dry_run:
-            for run in sweep.runs:
-                reuse = f"  <- epoch checkpoint of {run.reuse_of} ({'exact' if run.reuse_exact else 'approximate'})"
-                print(f"  version_{run.version}  {run.run_id}{reuse if run.reuse_of else ''}")
-            return 0
-        failed = 0 if args.results_only else run_sweep(sweep, test=args.test != "off", shard=args.shard)
-        if args.shard is None or args.results_only:
-            print(write_results(sweep, best_by=args.best_by), flush=True)
-        else:
-            print(f"[sweep] shard done; after all shards: python -m lit_dpo sweep ... --results-only", flush=True)
-    except UserInputError as error:
-        print(f"lit_dpo: error: {error}", file=sys.stderr)
-        return 2
-    return 1 if failed else 0
