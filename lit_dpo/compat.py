@@ -14,11 +14,12 @@ def save_last_checkpoint(checkpoint_callback: Any, trainer: Any) -> str:
     """Write `last.ckpt` now, through the run's ModelCheckpoint, as if it had saved it itself; its path.
 
     A guard that stops a run mid-epoch (divergence, memory) must leave that step's state in `last.ckpt`.
-    `trainer.save_checkpoint` writes the file, but ModelCheckpoint would not know: at `on_train_end` it
-    saves `last.ckpt` again when it has saved nothing itself, with the loop state of a finished epoch
-    (a resume would skip the rest of the interrupted one), and a later save may add `last-v1.ckpt` beside
-    ours. Its own "last" save records the step and the path, so neither happens. Lightning 2.6 has no
-    public method for it (`ModelCheckpoint._save_last_checkpoint` and `_monitor_candidates`).
+    `trainer.save_checkpoint` writes the file, but ModelCheckpoint would not know: at `on_train_end`, having
+    saved nothing itself, it saves a "last" checkpoint again, with the loop state of a finished epoch (a
+    resume from it skips the rest of the interrupted one), as `last-v1.ckpt` beside ours (over it with
+    `enable_version_counter=False`). Its own "last" save records the step and the path, so neither
+    happens. Lightning 2.6 has no public method for it (`ModelCheckpoint._save_last_checkpoint` and
+    `_monitor_candidates`); tests/test_compat.py shows both behaviours.
 
     Args:
         checkpoint_callback: The trainer's `ModelCheckpoint` (with `save_last` set).
