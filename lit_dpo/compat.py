@@ -21,12 +21,21 @@ def save_last_checkpoint(checkpoint_callback: Any, trainer: Any) -> str:
     happens. Lightning 2.6 has no public method for it (`ModelCheckpoint._save_last_checkpoint` and
     `_monitor_candidates`); tests/test_compat.py shows both behaviours.
 
+    Should a Lightning release drop them, the state is still saved (with `trainer.save_checkpoint`, and the
+    train-end duplicate comes back): a guard's checkpoint is never lost to an upgrade.
+
     Args:
         checkpoint_callback: The trainer's `ModelCheckpoint` (with `save_last` set).
         trainer: The running trainer; every process must call this (the save ends in a barrier).
     """
-    checkpoint_callback._save_last_checkpoint(trainer, checkpoint_callback._monitor_candidates(trainer))
-    return checkpoint_callback.last_model_path
+    if hasattr(checkpoint_callback, "_save_last_checkpoint") and hasattr(checkpoint_callback, "_monitor_candidates"):
+        checkpoint_callback._save_last_checkpoint(trainer, checkpoint_callback._monitor_candidates(trainer))
+        return checkpoint_callback.last_model_path
+    path = checkpoint_callback.last_model_path or checkpoint_callback.format_checkpoint_name(
+        {}, checkpoint_callback.CHECKPOINT_NAME_LAST
+    )
+    trainer.save_checkpoint(path, weights_only=checkpoint_callback.save_weights_only)
+    return path
 
 
 def attention_implementation(model: Any) -> str:

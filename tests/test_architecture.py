@@ -130,14 +130,21 @@ def test_no_import_cycles_between_top_level_parts():
 
 
 def private_uses(path: Path) -> list[str]:
-    """`x._name` where x is not self/cls, and `super()._name`: another object's private attribute."""
+    """`x._name` where x is not self/cls (so `super()._name` too), and `getattr(x, "_name")`: another
+    object's private attribute."""
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-            owner = node.value
-            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
-                continue
-            found.append(f"{path.name}:{node.lineno} .{node.attr}")
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append(f"{path.name}:{node.lineno} .{node.attr}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr", "setattr"):
+            name = node.args[1] if len(node.args) > 1 else None
+            if isinstance(name, ast.Constant) and isinstance(name.value, str) and private(name.value):
+                found.append(f"{path.name}:{node.lineno} {node.func.id}(..., {name.value!r})")
     return found
 
 

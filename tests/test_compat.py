@@ -75,3 +75,10 @@ def test_attention_implementation_reads_the_backend_that_runs(tiny_model_dir, ba
     assert compat.attention_implementation(model) == backend
     default = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # transformers picks one itself
     assert compat.attention_implementation(default) in ("sdpa", "eager")
+
+
+def test_without_the_private_method_the_state_is_still_saved(tmp_path, monkeypatch):
+    monkeypatch.delattr(ModelCheckpoint, "_save_last_checkpoint")
+    monkeypatch.setattr(ModelCheckpoint, "on_train_end", lambda *args: None)  # it calls the deleted method
+    fit(tmp_path, StopAndSave(3, through_compat=True))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3

@@ -29,7 +29,8 @@ COMMANDS = {"prepare": prepare, "report": report, "export": export, "recommend":
 
 def build_parser() -> argparse.ArgumentParser:
     """The shell: `lit_dpo` with one subcommand per command, Lightning's listed for `--help`."""
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION,
+                                     epilog=f"{PROG} COMMAND --help shows a command's options.")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_line in LIGHTNING_COMMANDS.items():
         subcommands.add_parser(name, help=help_line, add_help=False)  # never parsed here: see main()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "compare runs: metrics with 95% bootstrap CIs, McNemar's test on HR@1, report.md + report.png"
+HELP = "compare runs: each metric with a 95 percent bootstrap CI, McNemar on HR@1 (report.md, report.png)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

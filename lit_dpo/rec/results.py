@@ -126,7 +126,7 @@ def write_results(
     learning_rate: float | None,
     epochs: int | None,
 ) -> Path:
-    """Write `results.json` (the `lit_dpo.report` schema) and a small `results.md` table into `run_dir`.
+    """Write `results.json` (the schema above) and a small `results.md` table into `run_dir`.
 
     Args:
         results: The output of `lit_dpo.rec.scoring.evaluate_ranking`.
