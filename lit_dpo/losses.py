@@ -1,7 +1,7 @@
-"""Preference losses and the sequence log-probs they consume, as pure tensor functions.
+"""Preference losses and reward metrics, as pure tensor functions of the answers' summed log-probs.
 
 Every DPO-style objective is a function of four summed completion log-probs per pair (policy and reference,
-chosen and rejected) plus the completion lengths. Keeping the math here, free of Lightning and peft, lets it
+chosen and rejected) plus the completion lengths; `lit_dpo.forward` computes them. Keeping the math here, free of Lightning and peft, lets it
 be unit-tested on hand-worked numbers and compared line by line with the reference implementations: TRL
 v1.16.0 ``DPOTrainer._compute_loss`` (``trl/trainer/dpo_trainer.py``), TRL's experimental ``CPOTrainer`` for
 SimPO, and torchtune v0.6.1 ``torchtune/rlhf/loss/dpo.py``. A new variant is a new function registered in

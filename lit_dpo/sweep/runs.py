@@ -75,7 +75,7 @@ def train(sweep: Sweep, run: PlannedRun, test: bool) -> bool:
     """Fit one run unless it is done; resume from its own last.ckpt when one exists. True when done."""
     record = load_record(sweep, run)
     if record["status"] == "done":
-        print(f"[sweep]   done before, skipped", flush=True)
+        print("[sweep]   done before, skipped", flush=True)
         return True
     directory = run_dir(sweep, run)
     last = directory / "checkpoints" / "last.ckpt"
