@@ -180,9 +180,13 @@ class LitDPOCLI(LightningCLI):
         """Replace the TensorBoard logger by one writing into `save_dir/name/version_<version>`, built from the
         configured logger's own arguments (nothing has been logged yet)."""
         logger = self.trainer.logger
-        configured = self._subcommand_config(self.config).get("trainer.logger.init_args")
-        init_args = configured.as_dict() if hasattr(configured, "as_dict") else dict(configured or {})
-        self.trainer.logger = type(logger)(**{**init_args, "save_dir": save_dir, "name": name, "version": version})
+        configured = self._subcommand_config(self.config).get("trainer.logger")
+        if isinstance(configured, list):  # several loggers: the first is trainer.logger
+            configured = configured[0] if configured else None
+        init_args = getattr(configured, "init_args", None)
+        init_args = init_args.as_dict() if hasattr(init_args, "as_dict") else {}
+        replacement = type(logger)(**{**init_args, "save_dir": save_dir, "name": name, "version": version})
+        self.trainer.loggers = [replacement if other is logger else other for other in self.trainer.loggers]
 
     def _subcommand_config(self, config):
         return config[self.subcommand] if self.subcommand else config

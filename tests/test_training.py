@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_dpo.cli import LitDPOCLI
 
@@ -173,3 +174,18 @@ def test_resuming_with_a_halved_learning_rate_takes_effect(tmp_path, tiny_model_
     cli = run_cli(tmp_path, tiny_model_dir, "--trainer.max_epochs=2", "--model.learning_rate=5e-3", "--ckpt_path=last")
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.base_lrs == pytest.approx([5e-3])
+
+
+def test_resume_keeps_every_logger_and_its_settings(tmp_path, tiny_model_dir):
+    write_pairs(tmp_path / "pairs.jsonl")
+    loggers = [{"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "tb_logs"), "name": "run", "default_hp_metric": False}},
+               {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "csv")}}]
+    common = ["--trainer.max_epochs=2", "--checkpoint.every_n_train_steps=1", f"--trainer.logger={json.dumps(loggers)}"]
+    stop = {"class_path": "test_training.StopAfterSteps", "init_args": {"steps": 3}}
+    run_cli(tmp_path, tiny_model_dir, *common, f"--trainer.callbacks=[{json.dumps(stop)}]")
+    cli = run_cli(tmp_path, tiny_model_dir, *common, "--ckpt_path=last")
+    tensorboard, csv = cli.trainer.loggers
+    assert type(csv).__name__ == "CSVLogger" and tensorboard.version == 0  # resumed into version_0
+    assert cli.trainer.global_step == 24 and not (tmp_path / "tb_logs" / "run" / "version_1").exists()
+    assert "hp_metric" not in EventAccumulator(str(tmp_path / "tb_logs" / "run" / "version_0")).Reload().Tags()["scalars"]
