@@ -121,7 +121,7 @@ class DPOModule(L.LightningModule):
                 resume, later run and validate/test on the same data and model, instead of a reference
                 forward per step. Exact (the reference never changes); see `lit_dpo.reference_cache`. The
                 CLI connects it to the data module; in your own script call
-                `datamodule.connect(reference_logps=ReferenceLogps(module))`.
+                `datamodule.connect(reference_logps=lit_dpo.reference_cache.ReferenceLogps(module))`.
         """
         super().__init__()
         _validate(loss_type, beta, label_smoothing, learning_rate, warmup_steps, lora_r)

@@ -148,7 +148,7 @@ def tokenize_split(
         "max_length": max_length,
         "version": TOKENIZATION_VERSION,
     }
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+    fingerprint = digest(settings)
     tokenized = dataset.map(
         tokenize_batch,
         batched=True,
