@@ -199,7 +199,3 @@ class LitDPOCLI(LightningCLI):
         if not run_dir.exists() or any(run_dir.rglob("*.ckpt")):
             return  # a resumable run, or someone else's directory: keep it
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def main(args=None) -> None:
-    LitDPOCLI(args=args)

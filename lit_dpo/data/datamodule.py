@@ -36,8 +36,9 @@ from lit_dpo.files import cache_root, write_jsonl
 from lit_dpo.models.sources import load_tokenizer
 
 SYNTHETIC_SEED = 0  # the built-in set stays the same across `seed`s, so runs with different seeds compare
-ReferenceLogps = Callable[[str, datasets.Dataset, str, Callable, int], "torch.Tensor | None"]
-"""`(split, rows, fingerprint, collator, batch_size) -> [N, A] reference log-probs` (or None: not available)."""
+ReferenceLogpsFn = Callable[[str, datasets.Dataset, str, Callable, int], "torch.Tensor | None"]
+"""`(split, rows, fingerprint, collator, batch_size) -> [N, A] reference log-probs` (or None: not available);
+`lit_dpo.reference_cache.ReferenceLogps` is the one lit_dpo uses."""
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -113,7 +114,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self._train_sampler: ResumableBatchSampler | None = None
         self._sampler_state_to_load: dict | None = None
         self._custom_attention_mask = True  # see connect()
-        self._reference_logps: ReferenceLogps | None = None
+        self._reference_logps: ReferenceLogpsFn | None = None
         self._with_reference_column: dict[str, datasets.Dataset] = {}  # per split, since the last connect()
         # Cheap checks first, so a typo fails before the trainer creates a run directory.
         for key, path in (("train_path", train_path), ("val_path", val_path), ("test_path", test_path)):
@@ -185,7 +186,7 @@ class PreferenceDataModule(L.LightningDataModule):
         """Per split: what identifies its tokenized rows (source file, split, tokenizer, settings)."""
         self._is_setup = False
 
-    def connect(self, *, custom_attention_mask: bool = True, reference_logps: ReferenceLogps | None = None) -> None:
+    def connect(self, *, custom_attention_mask: bool = True, reference_logps: ReferenceLogpsFn | None = None) -> None:
         """Give the data module what the model side knows, before the loaders are built.
 
         Args:
@@ -273,14 +274,17 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def column_values(self, split: str, column: str) -> list | None:
         """All values of an extra column (e.g. the training `target`s for the popularity baseline), or None."""
-        dataset = {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}[split]
+        dataset = self._splits()[split]
         if dataset is None or column not in dataset.column_names:
             return None
         return dataset[column]
 
+    def _splits(self) -> dict[str, datasets.Dataset | None]:
+        return {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}
+
     def _with_reference(self, split: str) -> datasets.Dataset | None:
         """The split's rows, with their `reference_logps` column when `connect` gave a way to compute it."""
-        rows = {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}
+        rows = self._splits()
         if self._reference_logps is None or not rows[split]:
             return rows[split]
         # fit computes train before val, whichever loader Lightning asks for first (with max_steps it builds
